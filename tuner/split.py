@@ -66,7 +66,7 @@ def tensor_split_for_counts(counts: Sequence[int], n_layer: int) -> tuple[float,
             return tuple(proportions)
         # Search method: move the first wrong boundary by a small step towards the wanted count; stops when
         # the simulation agrees (at most a few steps: the error is one layer at a float32 tie).
-        for index, (want, have) in enumerate(zip(counts, got)):
+        for index, (want, have) in enumerate(zip(counts, got, strict=True)):
             if want != have:
                 proportions[index] += 0.01 if want > have else -0.01
                 break

@@ -1,0 +1,160 @@
+"""`tune-split`: plan how llama.cpp should place a GGUF model across your GPUs.
+
+Example — a 70B Q4_K_M model on an RTX 4090 beside an RTX 4080, largest context that fits:
+
+    tune-split models/llama-3.3-70b-q4_k_m.gguf --gpus "RTX 4090,RTX 4080" --max-ctx
+
+Check a split you already use (same table, with a verdict):
+
+    tune-split models/llama-3.3-70b-q4_k_m.gguf --gpus 24GiB,16GiB --tensor-split 3,2 --ctx 8192
+
+Tables go to stdout, logs to stderr; `--format json` is for scripts (schema: tuner.plan.Plan).
+Exit status: 0 the plan fits, 3 it does not fit, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from tuner.errors import TunerError
+from tuner.plan import CACHE_TYPES, MiB, PlanRequest
+
+EXIT_DOES_NOT_FIT = 3
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _split(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace("/", ",").split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 3,2, got {text!r}") from exc
+    if any(v < 0 for v in values) or not any(values):
+        raise argparse.ArgumentTypeError(f"proportions must be non-negative and not all zero, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune-split",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]) if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="GGUF file (for a split model, any of its parts)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--gpus", help='simulate cards: "RTX 4090,RTX 4080", "24GiB,16GiB" or a JSON file')
+    where.add_argument("--rpc", help="llama.cpp RPC servers host:port,... (listed before local GPUs)")
+    ctx = parser.add_mutually_exclusive_group()
+    ctx.add_argument("--ctx", "-c", type=_positive_int, help="context size (default 4096, capped at training)")
+    ctx.add_argument("--max-ctx", action="store_true", help="find the largest context that fits on the GPUs")
+    parser.add_argument("--parallel", "-np", type=_positive_int, default=1, help="parallel sequences (default 1)")
+    parser.add_argument("--cache-type-k", "-ctk", choices=CACHE_TYPES, default="f16")
+    parser.add_argument("--cache-type-v", "-ctv", choices=CACHE_TYPES, default="f16")
+    parser.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default="auto")
+    parser.add_argument("--batch", "-b", type=_positive_int, help="logical batch size (default: --ubatch)")
+    parser.add_argument("--ubatch", "-ub", type=_positive_int, default=512, help="physical batch (default 512)")
+    parser.add_argument("--kv-unified", action="store_true", help="one KV buffer shared by all sequences")
+    parser.add_argument(
+        "--swa-full", choices=("on", "off"), default="on",
+        help="full-size cache for sliding-window layers (on: llama-cpp-python's default)",
+    )
+    parser.add_argument("--reserve", type=_non_negative_int, default=512, help="MiB kept free per GPU (default 512)")
+    parser.add_argument("--objective", choices=("speed", "balanced"), default="speed")
+    parser.add_argument("--split-mode", "-sm", choices=("layer", "row", "none"))
+    parser.add_argument("--tensor-split", "-ts", type=_split, help="evaluate this split instead of planning one")
+    parser.add_argument("--n-gpu-layers", "-ngl", type=_non_negative_int, help="entries on GPUs (output included)")
+    parser.add_argument("--main-gpu", "-mg", type=_non_negative_int)
+    parser.add_argument("--host-ram", type=float, help="GiB of RAM available for CPU layers (default: unchecked)")
+    parser.add_argument("--measure", action="store_true", help="also run llama.cpp's own dry run on the devices")
+    parser.add_argument("--format", choices=("table", "json", "flags", "env"), default="table")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> PlanRequest:
+    return PlanRequest(
+        n_ctx=args.ctx,
+        max_ctx=args.max_ctx,
+        n_seq_max=args.parallel,
+        type_k=args.cache_type_k,
+        type_v=args.cache_type_v,
+        flash_attn=args.flash_attn,
+        n_batch=args.batch,
+        n_ubatch=args.ubatch,
+        kv_unified=args.kv_unified,
+        swa_full=args.swa_full == "on",
+        reserve_bytes=args.reserve * MiB,
+        objective=args.objective,
+        split_mode=args.split_mode,
+        tensor_split=args.tensor_split,
+        n_gpu_layers=args.n_gpu_layers,
+        main_gpu=args.main_gpu,
+        host_free_bytes=int(args.host_ram * 1024 * MiB) if args.host_ram is not None else None,
+    )
+
+
+def run(args: argparse.Namespace, out: Console) -> int:
+    from tuner.api import plan_model
+    from tuner.inventory import discover_devices
+    from tuner.render import plan_env, plan_flags, plan_json, render_plan
+
+    request = request_from_args(args)
+    rpc = [e.strip() for e in args.rpc.split(",") if e.strip()] if args.rpc else []
+    devices = discover_devices(rpc=rpc, gpus=args.gpus)
+    plan = plan_model(args.model, request, devices, strict=False)
+    if args.measure:
+        from tuner.measure import attach_measurement
+
+        plan = attach_measurement(plan, rpc)
+    if args.format == "json":
+        out.print_json(plan_json(plan)) if out.is_terminal else print(plan_json(plan))
+    elif args.format == "flags":
+        print(" ".join(plan_flags(plan)))
+    elif args.format == "env":
+        for name, value in plan_env(plan).items():
+            print(f"{name}={value}")
+    else:
+        out.print(render_plan(plan))
+    if not plan.fits:
+        if args.format != "table":
+            print(f"tune-split: {plan.verdict}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
+    out = Console(width=max(Console().width, 150))
+    try:
+        return run(args, out)
+    except TunerError as exc:
+        if args.debug:
+            raise
+        print(f"tune-split: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Per-device memory for a placement: weights + KV cache + compute buffers + fixed overhead.
+
+``MemoryModel`` precomputes what does not depend on the placement (tensor groups, KV bytes per layer) so the
+planner can evaluate thousands of candidate layouts while it searches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tuner.devices import Device
+from tuner.layout import Layout, RuntimeSettings
+from tuner.memory.compute import estimate_compute
+from tuner.memory.kv import layer_kv_bytes
+from tuner.memory.overhead import device_overhead_bytes
+from tuner.memory.weights import group_bytes, group_tensors
+from tuner.model import ModelInfo
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    devices: tuple[DeviceMemory, ...]
+    host_weights_bytes: int
+    host_kv_bytes: int
+    host_compute_bytes: int  # the host compute buffer plus the output (logits) buffer
+
+    @property
+    def host_total_bytes(self) -> int:
+        return self.host_weights_bytes + self.host_kv_bytes + self.host_compute_bytes
+
+
+class MemoryModel:
+    """Predicts llama.cpp's allocations for one model, device list and runtime settings."""
+
+    def __init__(self, model: ModelInfo, devices: Sequence[Device], settings: RuntimeSettings) -> None:
+        self.model = model
+        self.devices = tuple(devices)
+        self.settings = settings
+        self.groups = group_tensors(model)
+        backends = {d.backend for d in self.devices} | {"cpu"}
+        # Bytes of each entry (blocks, then the output layer) per allocator backend, and KV per block.
+        self.entry_bytes = {
+            backend: [group_bytes(block, backend) for block in self.groups.blocks]
+            + [group_bytes(self.groups.output, backend)]
+            for backend in backends
+        }
+        self.kv_bytes = [*layer_kv_bytes(model, settings), 0]  # the output layer has no cache
+        self.overhead_bytes = tuple(device_overhead_bytes(d) for d in self.devices)
+        self.active_entry_bytes = self._active_entry_bytes()
+
+    def layout(self, counts: Sequence[int], split_mode: str = "layer", main_gpu: int = 0) -> Layout:
+        """The layout llama.cpp produces when device d gets ``counts[d]`` entries (the last ones first)."""
+        n_entries = self.model.n_layer + 1
+        n_gpu_layers = sum(counts)
+        start = n_entries - n_gpu_layers
+        ranges: list[tuple[int, int] | None] = []
+        for count in counts:
+            ranges.append((start, start + count - 1) if count else None)
+            start += count
+        return Layout(
+            n_layer=self.model.n_layer,
+            split_mode=split_mode,  # type: ignore[arg-type]
+            n_gpu_layers=n_gpu_layers,
+            main_gpu=main_gpu,
+            device_backends=tuple(d.backend for d in self.devices),
+            device_layers=tuple(ranges),
+        )
+
+    def predict(self, layout: Layout) -> MemoryPrediction:
+        n_entries = self.model.n_layer + 1
+        weights = [0] * len(self.devices)
+        kv = [0] * len(self.devices)
+        host_entries: list[int] = []
+        for device_index, layers in enumerate(layout.device_layers):
+            if layers is None:
+                continue
+            backend = self.devices[device_index].backend
+            entry_bytes = self.entry_bytes[backend]
+            weights[device_index] = sum(entry_bytes[layers[0] : layers[1] + 1])
+            kv[device_index] = sum(self.kv_bytes[layers[0] : layers[1] + 1])
+        on_device = {il for r in layout.device_layers if r is not None for il in range(r[0], r[1] + 1)}
+        host_entries = [il for il in range(n_entries) if il not in on_device]
+        compute = estimate_compute(self.model, self.settings, layout)
+        devices = tuple(
+            DeviceMemory(weights[d], kv[d], compute.device_bytes[d], self.overhead_bytes[d])
+            for d in range(len(self.devices))
+        )
+        host_weights = self._host_weight_bytes(host_entries)
+        host_kv = sum(self.kv_bytes[il] for il in host_entries)
+        return MemoryPrediction(devices, host_weights, host_kv, compute.host_bytes + compute.output_bytes)
+
+    def _host_weight_bytes(self, host_entries: Sequence[int]) -> int:
+        """Host weights: the input layer plus every entry kept on the CPU (mmap'd, so the tied copy is free)."""
+        total = group_bytes(self.groups.host, "cpu")
+        cpu_bytes = self.entry_bytes["cpu"]
+        for il in host_entries:
+            if il == self.model.n_layer and self.groups.tied_output:
+                continue
+            total += cpu_bytes[il]
+        return total
+
+    def read_bytes_per_token(self, layout: Layout) -> tuple[list[int], int]:
+        """Bytes each device (and the host) reads per decoded token: active weights plus half the KV cache.
+
+        Half the cache: a conversation's context fills from empty to full, so on average half of it is read.
+        Mixture-of-experts blocks read only the routed experts' share of the expert tensors.
+        """
+        active = self.active_entry_bytes
+        device_bytes = [0] * len(self.devices)
+        host_bytes = 0
+        for il in range(self.model.n_layer + 1):
+            n_bytes = active[il] + self.kv_bytes[il] // 2
+            device = layout.device_of_layer(il)
+            if device is None:
+                host_bytes += n_bytes
+            else:
+                device_bytes[device] += n_bytes
+        return device_bytes, host_bytes
+
+    def _active_entry_bytes(self) -> list[int]:
+        fraction = self.model.n_expert_used / self.model.n_expert if self.model.n_expert else 1.0
+        active = []
+        for block in (*self.groups.blocks, self.groups.output):
+            total = 0
+            for tensor in block:
+                is_expert = "_exps." in tensor.name
+                total += int(tensor.n_bytes * fraction) if is_expert else tensor.n_bytes
+            active.append(total)
+        return active

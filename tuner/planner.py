@@ -1,0 +1,498 @@
+"""The planner: choose a placement that fits every device and decodes fastest (or keeps equal headroom).
+
+The algorithm, step by step (docs/TUNER.md tells it with a worked 4090 + 4080 example):
+
+  Step 1. Resolve the runtime settings: context (the user's, or 4096 capped at the training context), batch
+          sizes, flash attention ("auto" follows llama.cpp: on unless a layer sits on an RPC device), cache
+          types (a quantised V cache needs flash attention).
+  Step 2. Budget per device: free memory minus the reserve, minus the fixed overhead llama.cpp does not see
+          (CUDA context, cuBLAS). Everything else — weights, KV, compute buffers — is predicted exactly for
+          each candidate layout by tuner.memory.
+  Step 3. Place layers (split mode "layer"). llama.cpp gives the LAST n_gpu_layers entries (blocks plus the
+          output layer) to the devices in device order, contiguously. The planner therefore searches over
+          per-device entry COUNTS: it adds entries one at a time, each to the device where it costs least under
+          the objective while every device still fits, and stops when no device can take another. A local
+          search then moves single entries between devices while that improves the objective.
+  Step 4. Context: with --max-ctx, bisect the largest context (a multiple of 256, up to the training context)
+          at which every entry still fits on the devices.
+  Step 5. Evaluate the other split modes ("none": everything on one device; "row": matrices split by rows,
+          KV and compute on the main GPU) for the verdict, and pick main_gpu.
+  Step 6. Express the counts as tensor_split proportions that reproduce them under llama.cpp's rounding.
+
+A placement the user gave (tensor_split, n_gpu_layers, split mode, context) is evaluated, never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tuner.devices import Device
+from tuner.errors import PlanRequestError
+from tuner.layout import N_CTX_PAD, Layout, RuntimeSettings
+from tuner.memory.kv import cache_type_row_bytes
+from tuner.memory.predict import MemoryModel, MemoryPrediction
+from tuner.model import ModelInfo
+from tuner.plan import DevicePlan, HostUsage, Plan, PlanRequest, SplitEvaluation
+from tuner.speed import DEFAULT_SPEED_MODEL, SpeedModel, layer_split_token_time_s, row_split_token_time_s
+from tuner.split import layer_ranges, tensor_split_for_counts
+
+GiB = 1024**3
+DEFAULT_N_CTX = 4096
+UNQUANTISED_CACHE_TYPES = ("f32", "f16", "bf16")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated placement."""
+
+    counts: tuple[int, ...]
+    layout: Layout
+    memory: MemoryPrediction
+    fits: bool
+    token_time_s: float
+    headroom: tuple[int, ...]  # budget - total per device (negative = over)
+
+
+# Step 1 ------------------------------------------------------------------------------------------------------
+
+
+def resolve_settings(
+    model: ModelInfo, devices: Sequence[Device], request: PlanRequest, n_ctx: int | None = None
+) -> RuntimeSettings:
+    n_ctx = n_ctx or request.n_ctx or min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX)
+    if request.flash_attn == "auto":
+        # llama.cpp probes the fused op on each layer's device: the RPC backend does not offer it.
+        flash_attn = not any(d.kind == "rpc" for d in devices)
+    else:
+        flash_attn = request.flash_attn == "on"
+    for name, type_name in (("cache-type-k", request.type_k), ("cache-type-v", request.type_v)):
+        cache_type_row_bytes(type_name, model.n_embd_head_k)  # raises PlanRequestError for unknown types
+        del name
+    if request.type_v not in UNQUANTISED_CACHE_TYPES and not flash_attn:
+        reason = "it is off" if request.flash_attn == "off" else "auto resolves to off on RPC devices"
+        raise PlanRequestError(
+            f"a quantised V cache ({request.type_v}) needs flash attention, but {reason}; "
+            "use --flash-attn on or --cache-type-v f16"
+        )
+    n_ubatch = request.n_ubatch
+    n_batch = request.n_batch or n_ubatch
+    if n_ubatch > n_batch:
+        raise PlanRequestError(f"--ubatch {n_ubatch} is larger than the batch {n_batch}; llama.cpp caps it")
+    return RuntimeSettings(
+        n_ctx=n_ctx,
+        n_seq_max=request.n_seq_max,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        type_k=request.type_k,
+        type_v=request.type_v,
+        flash_attn=flash_attn,
+        kv_unified=request.kv_unified,
+        swa_full=request.swa_full,
+    )
+
+
+# Steps 2 and 3 -----------------------------------------------------------------------------------------------
+
+
+class LayerPlanner:
+    """Searches per-device entry counts for split mode "layer" at fixed runtime settings."""
+
+    def __init__(
+        self,
+        model: ModelInfo,
+        devices: Sequence[Device],
+        settings: RuntimeSettings,
+        request: PlanRequest,
+        speed: SpeedModel = DEFAULT_SPEED_MODEL,
+    ) -> None:
+        self.model = model
+        self.devices = tuple(devices)
+        self.settings = settings
+        self.request = request
+        self.speed = speed
+        self.memory = MemoryModel(model, devices, settings)
+        # Step 2: what each device may spend on llama.cpp's own buffers.
+        self.budgets = tuple(
+            d.free_bytes - request.reserve_bytes - self.memory.overhead_bytes[i] for i, d in enumerate(devices)
+        )
+        self._cache: dict[tuple[int, ...], Candidate] = {}
+
+    def evaluate(self, counts: Sequence[int]) -> Candidate:
+        key = tuple(counts)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        layout = self.memory.layout(key)
+        prediction = self.memory.predict(layout)
+        spent = [dm.total_bytes - dm.overhead_bytes for dm in prediction.devices]
+        headroom = tuple(budget - used for budget, used in zip(self.budgets, spent, strict=True))
+        host_fits = (
+            self.request.host_free_bytes is None or prediction.host_total_bytes <= self.request.host_free_bytes
+        )
+        device_bytes, host_bytes = self.memory.read_bytes_per_token(layout)
+        token_time = layer_split_token_time_s(
+            device_bytes,
+            [d.bandwidth_bytes_per_s for d in self.devices],
+            list(key),
+            host_bytes,
+            self.model.n_layer + 1 - sum(key),
+            self.speed,
+        )
+        candidate = Candidate(key, layout, prediction, host_fits and min(headroom) >= 0, token_time, headroom)
+        self._cache[key] = candidate
+        return candidate
+
+    def score(self, candidate: Candidate) -> tuple[float, ...]:
+        """Lower is better. Both objectives first maximise the entries on devices (CPU layers are slowest)."""
+        on_devices = -sum(candidate.counts)
+        triples = zip(candidate.headroom, self.budgets, candidate.counts, strict=True)
+        fractions = [h / b if b > 0 else -1.0 for h, b, c in triples if c]
+        least_headroom = -min(fractions, default=1.0)
+        if self.request.objective == "balanced":
+            return (on_devices, least_headroom, candidate.token_time_s)
+        return (on_devices, round(candidate.token_time_s, 7), least_headroom)
+
+    def search(self, n_gpu_layers: int | None = None) -> Candidate:
+        """Step 3: greedy growth from the output layer down, then single-entry moves while they help."""
+        n_devices = len(self.devices)
+        n_entries = self.model.n_layer + 1
+        target = n_entries if n_gpu_layers is None else min(n_gpu_layers, n_entries)
+        counts = [0] * n_devices
+        best = self.evaluate(counts)
+        # Growth: each step offers one more entry to every device and keeps the best fitting option. Stops at
+        # the target count or when no device can take another entry (the rest stays on the CPU).
+        while sum(counts) < target:
+            options = []
+            for device in range(n_devices):
+                trial = list(counts)
+                trial[device] += 1
+                candidate = self.evaluate(trial)
+                if candidate.fits or n_gpu_layers is not None:
+                    options.append(candidate)
+            if not options:
+                break
+            best = min(options, key=self.score)
+            counts = list(best.counts)
+        return self.improve(best)
+
+    def improve(self, start: Candidate) -> Candidate:
+        """Local search: move one entry between two devices while the score improves (a strict decrease, so it
+        terminates); at most n_entries rounds."""
+        best = start
+        for _ in range(self.model.n_layer + 1):
+            improved = False
+            for source in range(len(self.devices)):
+                if best.counts[source] == 0:
+                    continue
+                for target in range(len(self.devices)):
+                    if target == source:
+                        continue
+                    trial = list(best.counts)
+                    trial[source] -= 1
+                    trial[target] += 1
+                    candidate = self.evaluate(trial)
+                    if (candidate.fits or not best.fits) and self.score(candidate) < self.score(best):
+                        best, improved = candidate, True
+            if not improved:
+                break
+        return best
+
+    def from_tensor_split(self, tensor_split: Sequence[float], n_gpu_layers: int) -> Candidate:
+        if len(tensor_split) != len(self.devices):
+            raise PlanRequestError(
+                f"tensor_split has {len(tensor_split)} entries but there are {len(self.devices)} devices"
+            )
+        ranges = layer_ranges(tensor_split, self.model.n_layer, n_gpu_layers)
+        return self.evaluate([0 if r is None else r[1] - r[0] + 1 for r in ranges])
+
+
+# Step 5 ------------------------------------------------------------------------------------------------------
+
+
+def evaluate_single_device(planner: LayerPlanner, device: int) -> Candidate:
+    """Split mode "none": every entry on one device."""
+    counts = [0] * len(planner.devices)
+    counts[device] = planner.model.n_layer + 1
+    return planner.evaluate(counts)
+
+
+def evaluate_row_split(planner: LayerPlanner, main_gpu: int) -> tuple[bool, float, str]:
+    """Split mode "row": each block's matrices split by rows in proportion to free memory; norms, KV cache,
+    output layer and compute buffers on the main GPU (llama.cpp's split buffer type, CUDA/HIP only)."""
+    devices = planner.devices
+    if any(d.backend not in ("cuda", "rocm") or d.kind == "rpc" for d in devices):
+        return False, 0.0, "row split needs CUDA or ROCm devices (RPC and CPU devices cannot split rows)"
+    everything_on_main = evaluate_single_device(planner, main_gpu)
+    main_memory = everything_on_main.memory.devices[main_gpu]
+    model = planner.model
+    matrix_bytes = sum(
+        t.n_bytes for block in planner.memory.groups.blocks for t in block if len(t.shape) >= 2
+    )
+    shares = [max(b, 0) for b in planner.budgets]
+    total_share = sum(shares) or 1
+    slices = [matrix_bytes * s // total_share for s in shares]
+    fits = True
+    for index, budget in enumerate(planner.budgets):
+        used = slices[index]
+        if index == main_gpu:
+            used += main_memory.weights_bytes - matrix_bytes + main_memory.kv_bytes + main_memory.compute_bytes
+        fits = fits and used <= budget
+    read_bytes, _ = planner.memory.read_bytes_per_token(everything_on_main.layout)
+    active_matrix = sum(read_bytes) - main_memory.kv_bytes // 2
+    per_device = [active_matrix * s // total_share for s in shares]
+    per_device[main_gpu] += main_memory.kv_bytes // 2
+    token_time = row_split_token_time_s(
+        per_device, [d.bandwidth_bytes_per_s for d in devices], model.n_layer, 0, planner.speed
+    )
+    return fits, token_time, "matrices split by rows; KV cache and compute on the main GPU"
+
+
+# The whole plan ----------------------------------------------------------------------------------------------
+
+
+def plan(
+    model: ModelInfo,
+    devices: Sequence[Device],
+    request: PlanRequest,
+    speed: SpeedModel = DEFAULT_SPEED_MODEL,
+) -> Plan:
+    """Plan (or, with a user placement, evaluate) how to load ``model`` on ``devices``."""
+    _check_request(model, devices, request)
+    n_entries = model.n_layer + 1
+    n_ctx = request.n_ctx
+    warnings: list[str] = []
+    if n_ctx and model.n_ctx_train and n_ctx > model.n_ctx_train:
+        warnings.append(f"context {n_ctx} exceeds the training context {model.n_ctx_train}; quality may suffer")
+
+    def planner_for(ctx: int | None) -> LayerPlanner:
+        return LayerPlanner(model, devices, resolve_settings(model, devices, request, ctx), request, speed)
+
+    # Step 4: the largest context that keeps every entry on the devices.
+    if request.max_ctx and request.n_ctx is None:
+        n_ctx = _max_context(model, request, planner_for, warnings)
+    planner = planner_for(n_ctx)
+    split_mode = request.split_mode or ("layer" if len(devices) > 1 else "none")
+    main_gpu = request.main_gpu if request.main_gpu is not None else _fastest_device(devices)
+
+    if not devices:
+        chosen = planner.evaluate([])
+        split_mode = "none"
+    elif split_mode == "none":
+        chosen = evaluate_single_device(planner, main_gpu)
+        if request.n_gpu_layers is not None:
+            counts = [0] * len(devices)
+            counts[main_gpu] = min(request.n_gpu_layers, n_entries)
+            chosen = planner.evaluate(counts)
+    elif request.tensor_split is not None:
+        chosen = planner.from_tensor_split(request.tensor_split, request.n_gpu_layers or n_entries)
+    else:
+        chosen = planner.search(request.n_gpu_layers)
+    if split_mode == "row":
+        # Row mode keeps llama.cpp's layer bookkeeping on the main GPU; memory is evaluated separately below.
+        pass
+
+    alternatives = _alternatives(planner, main_gpu) if devices else []
+    user_placement = request.tensor_split is not None or request.n_gpu_layers is not None
+    if split_mode == "row":
+        row = next(a for a in alternatives if a.split_mode == "row")
+        fits = row.fits
+        token_time = row.predicted_tokens_per_s and 1 / row.predicted_tokens_per_s
+    else:
+        fits = chosen.fits
+        token_time = chosen.token_time_s
+    if fits and sum(chosen.counts) < n_entries and devices and split_mode != "row":
+        warnings.append(
+            f"{n_entries - sum(chosen.counts)} of {n_entries} layers stay on the CPU; decoding will be slow"
+        )
+    verdict = _verdict(planner, chosen, fits, user_placement)
+    tensor_split = (
+        tensor_split_for_counts(chosen.counts, model.n_layer)
+        if request.tensor_split is None and split_mode == "layer"
+        else tuple(request.tensor_split or [1.0 if i == main_gpu else 0.0 for i in range(len(devices))])
+    )
+    return _build_plan(
+        model, planner, chosen, request, split_mode, main_gpu, tensor_split, fits, verdict, token_time,
+        alternatives, warnings,
+    )
+
+
+def _check_request(model: ModelInfo, devices: Sequence[Device], request: PlanRequest) -> None:
+    if request.main_gpu is not None and request.main_gpu >= max(len(devices), 1):
+        raise PlanRequestError(f"--main-gpu {request.main_gpu} is out of range: there are {len(devices)} devices")
+    if request.split_mode == "row" and len(devices) < 2:
+        raise PlanRequestError("split mode row needs at least two devices")
+    if request.tensor_split is not None and len(request.tensor_split) != len(devices):
+        raise PlanRequestError(
+            f"--tensor-split has {len(request.tensor_split)} entries for {len(devices)} devices; give one per device"
+        )
+
+
+def _fastest_device(devices: Sequence[Device]) -> int:
+    if not devices:
+        return 0
+    return max(range(len(devices)), key=lambda i: (devices[i].bandwidth_bytes_per_s or 0, devices[i].free_bytes))
+
+
+def _max_context(model: ModelInfo, request: PlanRequest, planner_for, warnings: list[str]) -> int:  # type: ignore[no-untyped-def]
+    """Bisection over multiples of 256: fits(ctx) is monotone (more context never needs less memory)."""
+    n_entries = model.n_layer + 1
+    ceiling = model.n_ctx_train or 131072
+
+    def fits(ctx: int) -> bool:
+        planner = planner_for(ctx)
+        target = request.n_gpu_layers if request.n_gpu_layers is not None else n_entries
+        if request.tensor_split is not None:
+            return planner.from_tensor_split(request.tensor_split, target).fits
+        candidate = planner.search(target)
+        return candidate.fits and sum(candidate.counts) >= min(target, n_entries)
+
+    low, high = 0, ceiling // N_CTX_PAD
+    if not fits(N_CTX_PAD * request.n_seq_max):
+        warnings.append("even the smallest context does not fit with every layer on the devices")
+        return min(DEFAULT_N_CTX, ceiling)
+    low = request.n_seq_max
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle * N_CTX_PAD):
+            low = middle
+        else:
+            high = middle - 1
+    return low * N_CTX_PAD
+
+
+def _alternatives(planner: LayerPlanner, main_gpu: int) -> list[SplitEvaluation]:
+    layer = planner.search(planner.request.n_gpu_layers)
+    single = evaluate_single_device(planner, main_gpu)
+    row_fits, row_time, row_note = evaluate_row_split(planner, main_gpu)
+    evaluations = [
+        SplitEvaluation(
+            split_mode="layer",
+            fits=layer.fits,
+            predicted_tokens_per_s=1 / layer.token_time_s if layer.token_time_s else None,
+            note=f"{sum(layer.counts)} of {planner.model.n_layer + 1} layers on the devices, pipelined by layer",
+        ),
+        SplitEvaluation(
+            split_mode="none",
+            fits=single.fits,
+            predicted_tokens_per_s=1 / single.token_time_s if single.token_time_s else None,
+            note=f"everything on {planner.devices[main_gpu].name} (device {main_gpu})",
+        ),
+        SplitEvaluation(
+            split_mode="row",
+            fits=row_fits,
+            predicted_tokens_per_s=1 / row_time if row_time else None,
+            note=row_note,
+        ),
+    ]
+    return evaluations
+
+
+def _verdict(planner: LayerPlanner, chosen: Candidate, fits: bool, user_placement: bool) -> str:
+    if fits:
+        what = "the given placement fits" if user_placement else "fits"
+        return f"{what}: {sum(chosen.counts)} of {planner.model.n_layer + 1} layers on the devices"
+    return explain_shortfall(planner, chosen)
+
+
+def explain_shortfall(planner: LayerPlanner, chosen: Candidate) -> str:
+    """Which device is short by how much, and what each usual remedy would save on it."""
+    parts = []
+    for index, headroom in enumerate(chosen.headroom):
+        if headroom < 0:
+            device = planner.devices[index]
+            parts.append(f"{device.name} (device {index}) is {-headroom / GiB:.2f} GiB short")
+    if not parts and planner.request.host_free_bytes is not None:
+        need = chosen.memory.host_total_bytes
+        parts.append(
+            f"host RAM needs {need / GiB:.2f} GiB but {planner.request.host_free_bytes / GiB:.2f} GiB are free"
+        )
+    remedies = []
+    settings = planner.settings
+    kv_total = sum(dm.kv_bytes for dm in chosen.memory.devices)
+    if settings.n_ctx > N_CTX_PAD:
+        remedies.append(f"a context of {settings.n_ctx // 2} saves {kv_total / 2 / GiB:.2f} GiB of KV cache")
+    if settings.type_k == "f16" and settings.type_v == "f16":
+        remedies.append(f"--cache-type-k q8_0 --cache-type-v q8_0 saves {kv_total * 0.47 / GiB:.2f} GiB")
+    if sum(chosen.counts):
+        remedies.append(f"fewer layers on the GPUs (--n-gpu-layers below {sum(chosen.counts)}) spills to the CPU")
+    return "does not fit: " + "; ".join(parts) + (". What would help: " + "; ".join(remedies) if remedies else "")
+
+
+def _build_plan(
+    model: ModelInfo,
+    planner: LayerPlanner,
+    chosen: Candidate,
+    request: PlanRequest,
+    split_mode: str,
+    main_gpu: int,
+    tensor_split: tuple[float, ...],
+    fits: bool,
+    verdict: str,
+    token_time_s: float | None,
+    alternatives: list[SplitEvaluation],
+    warnings: list[str],
+) -> Plan:
+    settings = planner.settings
+    memory = chosen.memory
+    devices = []
+    for index, device in enumerate(planner.devices):
+        dm = memory.devices[index]
+        layers = chosen.layout.device_layers[index]
+        reserve = request.reserve_bytes
+        devices.append(
+            DevicePlan(
+                index=index,
+                name=device.name,
+                kind=device.kind,
+                backend=device.backend,
+                free_bytes=device.free_bytes,
+                reserve_bytes=reserve,
+                weights_bytes=dm.weights_bytes,
+                kv_bytes=dm.kv_bytes,
+                compute_bytes=dm.compute_bytes,
+                overhead_bytes=dm.overhead_bytes,
+                total_bytes=dm.total_bytes,
+                free_after_bytes=device.free_bytes - reserve - dm.total_bytes,
+                layers=layers,
+                n_layers=chosen.counts[index],
+                holds_output=layers is not None and layers[1] == model.n_layer,
+                bandwidth_bytes_per_s=device.bandwidth_bytes_per_s,
+            )
+        )
+    host_layers = chosen.layout.i_gpu_start
+    host = HostUsage(
+        weights_bytes=memory.host_weights_bytes,
+        kv_bytes=memory.host_kv_bytes,
+        compute_bytes=memory.host_compute_bytes,
+        total_bytes=memory.host_total_bytes,
+        layers=(0, host_layers - 1) if host_layers > 0 else None,
+    )
+    return Plan(
+        model_path=model.path,
+        model_name=model.name,
+        architecture=model.architecture,
+        n_layer=model.n_layer,
+        split_mode=split_mode,  # type: ignore[arg-type]
+        tensor_split=tensor_split,
+        n_gpu_layers=sum(chosen.counts),
+        main_gpu=main_gpu,
+        n_ctx=settings.n_ctx,
+        n_ctx_train=model.n_ctx_train,
+        n_seq_max=settings.n_seq_max,
+        n_batch=settings.n_batch,
+        n_ubatch=settings.n_ubatch,
+        type_k=settings.type_k,
+        type_v=settings.type_v,
+        flash_attn=settings.flash_attn,
+        kv_unified=settings.kv_unified,
+        swa_full=settings.swa_full,
+        objective=request.objective,
+        fits=fits,
+        verdict=verdict,
+        host=host,
+        devices=devices,
+        predicted_tokens_per_s=1 / token_time_s if token_time_s else None,
+        alternatives=alternatives,
+        warnings=warnings,
+    )

@@ -1,0 +1,143 @@
+"""Turn a Plan into what people and scripts read: a rich table, JSON, llama-server flags, or env variables."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from tuner.plan import DevicePlan, Plan
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+BAR_WIDTH = 32
+BAR_SEGMENTS = (  # (attribute, glyph, style): weights / KV / compute / overhead, then reserve and free
+    ("weights_bytes", "█", "bright_blue"),
+    ("kv_bytes", "█", "green"),
+    ("compute_bytes", "█", "yellow"),
+    ("overhead_bytes", "█", "magenta"),
+)
+
+
+def format_bytes(n_bytes: int) -> str:
+    if abs(n_bytes) >= GiB:
+        return f"{n_bytes / GiB:.2f} GiB"
+    return f"{n_bytes / MiB:.1f} MiB"
+
+
+def _bar(device: DevicePlan) -> Text:
+    capacity = max(device.free_bytes, device.total_bytes + device.reserve_bytes, 1)
+    bar = Text()
+    used_cells = 0
+    for attribute, glyph, style in BAR_SEGMENTS:
+        cells = round(getattr(device, attribute) / capacity * BAR_WIDTH)
+        bar.append(glyph * cells, style=style)
+        used_cells += cells
+    reserve_cells = min(round(device.reserve_bytes / capacity * BAR_WIDTH), max(BAR_WIDTH - used_cells, 0))
+    bar.append("░" * reserve_cells, style="grey50")
+    remaining = BAR_WIDTH - used_cells - reserve_cells
+    bar.append("·" * max(remaining, 0), style="grey35")
+    if remaining < 0:
+        bar.append(" over", style="bold red")
+    return bar
+
+
+def _layers(device: DevicePlan, n_layer: int) -> str:
+    if device.layers is None:
+        return "-"
+    first, last = device.layers
+    text = f"{first}-{min(last, n_layer - 1)}" if first < n_layer else ""
+    if device.holds_output:
+        text = f"{text} +out" if text else "out"
+    return text
+
+
+def render_plan(plan: Plan) -> RenderableType:
+    """The plan as a rich table per device plus the settings, host usage and verdict."""
+    title = (
+        f"{plan.model_name} ({plan.architecture}, {plan.n_layer} layers) · ctx {plan.n_ctx} x{plan.n_seq_max} · "
+        f"KV {plan.type_k}/{plan.type_v} · flash-attn {'on' if plan.flash_attn else 'off'} · split {plan.split_mode}"
+    )
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for column, justify in (
+        ("#", "right"), ("device", "left"), ("layers", "left"), ("weights", "right"), ("KV", "right"),
+        ("compute", "right"), ("overhead", "right"), ("total", "right"), ("free", "right"),
+        ("left", "right"), ("weights·KV·compute·overhead·reserve·free", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for device in plan.devices:
+        left_style = "red" if device.free_after_bytes < 0 else ""
+        table.add_row(
+            str(device.index),
+            f"{device.name} [{device.kind}]",
+            _layers(device, plan.n_layer),
+            format_bytes(device.weights_bytes),
+            format_bytes(device.kv_bytes),
+            format_bytes(device.compute_bytes),
+            format_bytes(device.overhead_bytes),
+            format_bytes(device.total_bytes),
+            format_bytes(device.free_bytes),
+            Text(format_bytes(device.free_after_bytes), style=left_style),
+            _bar(device),
+        )
+    host = plan.host
+    host_layers = f"{host.layers[0]}-{host.layers[1]}" if host.layers else "embd"
+    table.add_row(
+        "", "host RAM [cpu]", host_layers, format_bytes(host.weights_bytes), format_bytes(host.kv_bytes),
+        format_bytes(host.compute_bytes), "", format_bytes(host.total_bytes), "", "", "",
+    )
+    lines = [table]
+    speed = f", ~{plan.predicted_tokens_per_s:.0f} tokens/s single stream" if plan.predicted_tokens_per_s else ""
+    verdict_style = "bold green" if plan.fits else "bold red"
+    lines.append(Text(f"{'FITS' if plan.fits else 'DOES NOT FIT'} — {plan.verdict}{speed}", style=verdict_style))
+    lines.append(Text("llama-server flags: " + " ".join(shlex.quote(f) for f in plan_flags(plan)), style="dim"))
+    for alternative in plan.alternatives:
+        rate = f"~{alternative.predicted_tokens_per_s:.0f} tok/s" if alternative.predicted_tokens_per_s else "-"
+        fits = "fits" if alternative.fits else "does not fit"
+        lines.append(Text(f"  split {alternative.split_mode:<5} {fits:<12} {rate:<12} {alternative.note}", "dim"))
+    lines.extend(Text(f"warning: {w}", style="yellow") for w in plan.warnings)
+    return Group(*lines)
+
+
+def _split_text(plan: Plan) -> str:
+    return ",".join(f"{v:g}" for v in plan.tensor_split)
+
+
+def plan_flags(plan: Plan) -> list[str]:
+    """llama.cpp / llama-server flags that reproduce the plan (``--fit off``: the plan is already fitted)."""
+    flags = ["-ngl", str(plan.n_gpu_layers), "-sm", plan.split_mode]
+    if plan.split_mode != "none" and len(plan.tensor_split) > 1:
+        flags += ["-ts", _split_text(plan)]
+    flags += ["-mg", str(plan.main_gpu), "-c", str(plan.n_ctx), "-np", str(plan.n_seq_max)]
+    flags += ["-b", str(plan.n_batch), "-ub", str(plan.n_ubatch), "-ctk", plan.type_k, "-ctv", plan.type_v]
+    flags += ["-fa", "on" if plan.flash_attn else "off"]
+    if plan.kv_unified:
+        flags.append("-kvu")
+    if plan.swa_full:
+        flags.append("--swa-full")
+    flags += ["--fit", "off"]
+    return flags
+
+
+def plan_env(plan: Plan) -> dict[str, str]:
+    """The LLAMASPLIT_* variables `llamasplit serve` reads to load with exactly this plan."""
+    return {
+        "LLAMASPLIT_N_GPU_LAYERS": str(plan.n_gpu_layers),
+        "LLAMASPLIT_SPLIT_MODE": plan.split_mode,
+        "LLAMASPLIT_TENSOR_SPLIT": _split_text(plan),
+        "LLAMASPLIT_MAIN_GPU": str(plan.main_gpu),
+        "LLAMASPLIT_CTX": str(plan.n_ctx),
+        "LLAMASPLIT_PARALLEL": str(plan.n_seq_max),
+        "LLAMASPLIT_BATCH": str(plan.n_batch),
+        "LLAMASPLIT_UBATCH": str(plan.n_ubatch),
+        "LLAMASPLIT_CACHE_TYPE_K": plan.type_k,
+        "LLAMASPLIT_CACHE_TYPE_V": plan.type_v,
+        "LLAMASPLIT_FLASH_ATTN": "on" if plan.flash_attn else "off",
+    }
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps(plan.model_dump(mode="json"), indent=2)
