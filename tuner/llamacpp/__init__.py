@@ -1,0 +1,81 @@
+"""The bridge to llama.cpp: RPC devices, per-buffer memory reports of real or dry-run loads, log capture.
+
+Importing this package imports neither llama_cpp nor its submodules; each name loads its module on first
+use, so that ``python -m tuner.llamacpp.rpc`` / ``.load`` run without a double-import warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tuner.llamacpp.buffer_log import (
+        LOG_ROUNDING_BYTES,
+        BufferReport,
+        BufferSizes,
+        KvCacheSummary,
+        LogCapture,
+        UsedDevice,
+        capture_llama_log,
+        parse_log,
+    )
+    from tuner.llamacpp.load import GGML_TYPE_IDS, LoadError, ggml_type_id, load_and_report
+    from tuner.llamacpp.rpc import (
+        probe_rpc_endpoint,
+        query_rpc_devices,
+        register_rpc_endpoints,
+        rpc_device_pointers,
+        start_rpc_server,
+    )
+
+_MODULE_OF = {
+    "LOG_ROUNDING_BYTES": "buffer_log",
+    "BufferReport": "buffer_log",
+    "BufferSizes": "buffer_log",
+    "KvCacheSummary": "buffer_log",
+    "LogCapture": "buffer_log",
+    "UsedDevice": "buffer_log",
+    "capture_llama_log": "buffer_log",
+    "parse_log": "buffer_log",
+    "GGML_TYPE_IDS": "load",
+    "LoadError": "load",
+    "ggml_type_id": "load",
+    "load_and_report": "load",
+    "probe_rpc_endpoint": "rpc",
+    "query_rpc_devices": "rpc",
+    "register_rpc_endpoints": "rpc",
+    "rpc_device_pointers": "rpc",
+    "start_rpc_server": "rpc",
+}
+
+__all__ = [
+    "GGML_TYPE_IDS",
+    "LOG_ROUNDING_BYTES",
+    "BufferReport",
+    "BufferSizes",
+    "KvCacheSummary",
+    "LoadError",
+    "LogCapture",
+    "UsedDevice",
+    "capture_llama_log",
+    "ggml_type_id",
+    "load_and_report",
+    "parse_log",
+    "probe_rpc_endpoint",
+    "query_rpc_devices",
+    "register_rpc_endpoints",
+    "rpc_device_pointers",
+    "start_rpc_server",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
