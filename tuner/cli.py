@@ -144,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    out = Console(width=max(Console().width, 150))
+    # Piped output must not be squeezed to 80 columns: the table is ~170 wide.
+    terminal = Console()
+    out = terminal if terminal.is_terminal else Console(width=200)
     try:
         return run(args, out)
     except TunerError as exc:

@@ -139,7 +139,8 @@ class LayerPlanner:
             self.model.n_layer + 1 - sum(key),
             self.speed,
         )
-        candidate = Candidate(key, layout, prediction, host_fits and min(headroom) >= 0, token_time, headroom)
+        fits = host_fits and min(headroom, default=0) >= 0
+        candidate = Candidate(key, layout, prediction, fits, token_time, headroom)
         self._cache[key] = candidate
         return candidate
 
@@ -460,7 +461,7 @@ def _build_plan(
                 bandwidth_bytes_per_s=device.bandwidth_bytes_per_s,
             )
         )
-    host_layers = chosen.layout.i_gpu_start
+    host_layers = min(chosen.layout.i_gpu_start, model.n_layer)  # blocks kept on the CPU
     host = HostUsage(
         weights_bytes=memory.host_weights_bytes,
         kv_bytes=memory.host_kv_bytes,

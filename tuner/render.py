@@ -67,7 +67,7 @@ def render_plan(plan: Plan) -> RenderableType:
         ("compute", "right"), ("overhead", "right"), ("total", "right"), ("free", "right"),
         ("left", "right"), ("weights·KV·compute·overhead·reserve·free", "left"),
     ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for device in plan.devices:
         left_style = "red" if device.free_after_bytes < 0 else ""
         table.add_row(

@@ -1,0 +1,102 @@
+"""`tune-split` as a user runs it: a real process, real GGUF files, simulated cards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuner.split import layer_counts
+
+
+def tune_split(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tuner.cli", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def big(synth_model) -> Path:  # type: ignore[no-untyped-def]
+    return synth_model("llama-70b-q4_k_m")
+
+
+def test_table_shows_every_device_and_the_verdict(big: Path) -> None:
+    result = tune_split(big, "--gpus", "RTX 4090,RTX 4080", "--ctx", "8192")
+    assert result.returncode == 0, result.stderr
+    assert "RTX 4090" in result.stdout and "RTX 4080" in result.stdout and "host RAM" in result.stdout
+    assert "FITS" in result.stdout and "llama-server flags: -ngl" in result.stdout
+
+
+def test_json_schema_is_complete(big: Path) -> None:
+    result = tune_split(big, "--gpus", "24GiB,16GiB", "--ctx", "8192", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    for key in (
+        "split_mode", "tensor_split", "n_gpu_layers", "main_gpu", "n_ctx", "n_seq_max", "type_k", "type_v",
+        "flash_attn", "n_ubatch", "fits", "host", "devices",
+    ):
+        assert key in plan, key
+    assert set(plan["host"]) >= {"weights_bytes", "kv_bytes", "compute_bytes"}
+    for device in plan["devices"]:
+        assert set(device) >= {
+            "index", "name", "kind", "free_bytes", "weights_bytes", "kv_bytes", "compute_bytes",
+            "overhead_bytes", "total_bytes", "layers",
+        }
+        assert device["kind"] == "simulated"
+    counts = layer_counts(plan["tensor_split"], 80, plan["n_gpu_layers"])
+    assert counts == [d["n_layers"] for d in plan["devices"]]
+
+
+def test_flags_and_env_formats(big: Path) -> None:
+    flags = tune_split(big, "--gpus", "RTX 4090,RTX 4080", "--format", "flags")
+    assert flags.returncode == 0 and flags.stdout.startswith("-ngl ") and "--fit off" in flags.stdout
+    env = tune_split(big, "--gpus", "RTX 4090,RTX 4080", "--format", "env")
+    variables = dict(line.split("=", 1) for line in env.stdout.splitlines())
+    assert variables["LLAMASPLIT_SPLIT_MODE"] == "layer" and int(variables["LLAMASPLIT_N_GPU_LAYERS"]) > 0
+
+
+def test_impossible_fit_exits_3_with_explanation(big: Path) -> None:
+    result = tune_split(big, "--gpus", "RTX 4090,RTX 4080", "--ctx", "8192", "-ngl", "99", "-ts", "1,1")
+    assert result.returncode == 3
+    assert "DOES NOT FIT" in result.stdout and "GiB short" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{missing}"], "no such file"),
+        (["{not_gguf}"], "not a GGUF file"),
+        (["{truncated}"], "truncated"),
+        (["{model}", "--gpus", "RTX 4909"], "unknown GPU"),
+        (["{model}", "--gpus", "24GiB,16GiB", "-ts", "1,1,1"], "3 entries for 2 devices"),
+        (["{model}", "--gpus", "24GiB", "-ctv", "q8_0", "-fa", "off"], "needs flash attention"),
+        (["{model}", "--rpc", "127.0.0.1:1"], "127.0.0.1:1"),
+    ],
+    ids=["missing", "not-gguf", "truncated", "unknown-gpu", "split-length", "quantised-v", "rpc-down"],
+)
+def test_bad_input_gets_one_line_and_non_zero_exit(
+    args: list[str], message: str, smollm2: Path, tmp_path: Path
+) -> None:
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("just text")
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(smollm2.read_bytes()[:3000])
+    paths = {"missing": tmp_path / "nope.gguf", "not_gguf": not_gguf, "truncated": truncated, "model": smollm2}
+    result = tune_split(*[a.format(**paths) for a in args])
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tune-split: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_gpu_name_suggests_close_names(smollm2: Path) -> None:
+    result = tune_split(smollm2, "--gpus", "RTX 4909")
+    assert result.returncode == 2 and "4090" in result.stderr
+
+
+def test_bad_flag_values_are_usage_errors(smollm2: Path) -> None:
+    result = tune_split(smollm2, "--parallel", "0")
+    assert result.returncode == 2 and "must be at least 1" in result.stderr
