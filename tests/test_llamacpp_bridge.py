@@ -6,6 +6,7 @@ sizes are the ones llama.cpp printed on this kind of machine (/work/shared/notes
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -29,6 +30,7 @@ from tuner.llamacpp import (
     LOG_ROUNDING_BYTES,
     BufferReport,
     LoadError,
+    apply_memory_breakdown,
     capture_llama_log,
     load_and_report,
     parse_log,
@@ -270,12 +272,16 @@ def test_log_capture_reads_a_cpu_only_llama_load_and_restores_the_logger(smollm2
     before = current_logger()
     with capture_llama_log() as capture:
         llm = llama_cpp.Llama(str(smollm2), n_ctx=512, n_gpu_layers=0, n_threads=1, verbose=False)
-        llm.close()
     assert current_logger() == before
 
     report = capture.report()
+    assert not report.exact
+    apply_memory_breakdown(report, llm._ctx.ctx)
+    llm.close()
+    assert report.exact
     # 30 layers x 2 (K and V) x 192 values x 2 bytes x 512 cells
-    assert report.buffers["CPU"].kv_bytes == mib(11.25)
+    assert report.buffers["CPU"].kv_bytes == report.logged_buffers["CPU"].kv_bytes == mib(11.25)
+    # the whole file is mapped; the weights the CPU backend repacks get an extra buffer (AMX / CPU_REPACK)
     assert abs(report.buffers["CPU_Mapped"].model_bytes - mib(92.10)) <= LOG_ROUNDING_BYTES
     assert report.buffers["CPU"].compute_bytes > 0 and report.buffers["CPU"].output_bytes > 0
     assert report.device_buffers() == {}
@@ -346,3 +352,35 @@ def test_every_public_name_is_exported_and_resolves() -> None:
         assert getattr(package, name) is not None, name
     with pytest.raises(AttributeError):
         _ = package.not_a_name
+
+
+def test_abort_inside_llama_cpp_becomes_load_error_and_spares_the_caller(smollm2: Path) -> None:
+    # A fake RPC server that passes the handshake, then hangs up on the first real command: ggml's client
+    # calls GGML_ABORT, which kills the child process, not this one.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    while True:
+                        header = conn.recv(9)
+                        if len(header) < 9:
+                            break
+                        cmd, size = struct.unpack("<BQ", header)
+                        conn.recv(size) if size else b""
+                        if cmd == 14:  # HELLO: protocol 7.0.0 and no transport capabilities
+                            conn.sendall(struct.pack("<Q", 28) + bytes([7, 0, 0, 0]) + bytes(24))
+                        elif cmd == 15:  # DEVICE_COUNT
+                            conn.sendall(struct.pack("<QI", 4, 1))
+                        else:
+                            break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with listener, pytest.raises(LoadError, match="SIGABRT") as info:
+        load_and_report(smollm2, rpc_endpoints=[f"127.0.0.1:{port}"], n_gpu_layers=99, n_ctx=512)
+
+    assert any("Remote RPC server crashed" in line for line in info.value.log_tail)

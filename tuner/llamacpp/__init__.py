@@ -20,7 +20,13 @@ if TYPE_CHECKING:
         capture_llama_log,
         parse_log,
     )
-    from tuner.llamacpp.load import GGML_TYPE_IDS, LoadError, ggml_type_id, load_and_report
+    from tuner.llamacpp.load import (
+        GGML_TYPE_IDS,
+        LoadError,
+        apply_memory_breakdown,
+        ggml_type_id,
+        load_and_report,
+    )
     from tuner.llamacpp.rpc import (
         probe_rpc_endpoint,
         query_rpc_devices,
@@ -40,6 +46,7 @@ _MODULE_OF = {
     "parse_log": "buffer_log",
     "GGML_TYPE_IDS": "load",
     "LoadError": "load",
+    "apply_memory_breakdown": "load",
     "ggml_type_id": "load",
     "load_and_report": "load",
     "probe_rpc_endpoint": "rpc",
@@ -58,6 +65,7 @@ __all__ = [
     "LoadError",
     "LogCapture",
     "UsedDevice",
+    "apply_memory_breakdown",
     "capture_llama_log",
     "ggml_type_id",
     "load_and_report",

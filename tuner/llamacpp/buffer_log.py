@@ -49,7 +49,7 @@ class BufferSizes(BaseModel):
     kv_bytes: int = 0  # KV cache and recurrent state: llama.cpp's "context" memory
     compute_bytes: int = 0
     output_bytes: int = 0  # logits / embeddings of the last batch (always a host buffer)
-    host: bool = False
+    host: bool = False  # lives in host RAM (CPU, CPU_Mapped, repacked weights, pinned *_Host memory)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -47,6 +47,7 @@ LLAMA_LOAD_MODE_NONE = 0
 LLAMA_LOAD_MODE_MMAP = 1
 _UNQUANTISED = ("f32", "f16", "bf16")
 DEFAULT_TIMEOUT_S = 300.0
+BreakdownRow = tuple[str, bool, int, int, int]  # buffer name, host, model, context, compute bytes
 
 
 class LoadError(TunerError):
@@ -155,6 +156,14 @@ def _check_request(request: LoadRequest) -> None:
             f"a quantised V cache ({request.type_v}) needs flash attention, but flash_attn is 'off'; "
             "use flash_attn 'on' or 'auto', or an f16 V cache"
         )
+    if request.tensor_split is not None:
+        from tuner.llamacpp.libs import llama_cpp_module
+
+        max_devices = llama_cpp_module().LLAMA_MAX_DEVICES
+        if len(request.tensor_split) > max_devices or any(v < 0 for v in request.tensor_split):
+            raise PlanRequestError(
+                f"tensor_split {list(request.tensor_split)} must have at most {max_devices} non-negative entries"
+            )
     if request.rpc_endpoints:
         from tuner.llamacpp.rpc import probe_rpc_endpoint
 
@@ -171,6 +180,8 @@ def _run_child(request: LoadRequest, timeout_s: float) -> BufferReport:
     # The child must import this very tuner package, installed or not.
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    # On GGML_ABORT ggml attaches gdb for a backtrace: slow, and it buries the abort message.
+    env.setdefault("GGML_NO_BACKTRACE", "1")
     with tempfile.TemporaryDirectory(prefix="llamasplit-load-") as tmp:
         result_path = Path(tmp) / "result.json"
         started = time.monotonic()
@@ -262,7 +273,7 @@ def load_in_process(request: LoadRequest) -> BufferReport:
     base = libs.ggml_base()
     llama_cpp.llama_backend_init()
     timings: dict[str, float] = {}
-    exact_rows: list[tuple[str, bool, int, int, int]] = []
+    exact_rows: list[BreakdownRow] = []
     device_buffer_names: dict[str, str] = {}
     with capture_llama_log(sink=sys.stderr) as capture:
         devices = rpc_device_pointers(request.rpc_endpoints) if request.rpc_endpoints else []
@@ -313,11 +324,7 @@ def load_in_process(request: LoadRequest) -> BufferReport:
             _raise_load_failure(capture.tail(), "llama.cpp could not create the context")
 
         if libs.memory_breakdown_supported():
-            for buft, model_bytes, context_bytes, compute_bytes in libs.memory_breakdown(ctx):
-                name = base.ggml_backend_buft_name(buft).decode()
-                exact_rows.append(
-                    (name, base.ggml_backend_buft_is_host(buft), model_bytes, context_bytes, compute_bytes)
-                )
+            exact_rows = memory_breakdown_rows(ctx)
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
 
@@ -325,7 +332,7 @@ def load_in_process(request: LoadRequest) -> BufferReport:
     report.device_buffer_names = device_buffer_names
     report.timings_s = timings
     if exact_rows:
-        _apply_exact(report, exact_rows)
+        apply_memory_breakdown(report, rows=exact_rows)
     elif request.dry_run:
         raise LoadError(
             "a dry run needs llama_get_memory_breakdown (the log prints 0 MiB for simulated buffers), "
@@ -334,8 +341,40 @@ def load_in_process(request: LoadRequest) -> BufferReport:
     return report
 
 
-def _apply_exact(report: BufferReport, rows: list[tuple[str, bool, int, int, int]]) -> None:
-    """Replace the log's rounded model/KV/compute bytes by llama_get_memory_breakdown's exact ones."""
+def memory_breakdown_rows(ctx: int) -> list[BreakdownRow]:
+    """llama_get_memory_breakdown of a live llama_context, with the buffer types' names.
+
+    Each call leaks the returned std::map (a few hundred bytes): fine for a load or two per process.
+    """
+    from tuner.llamacpp import libs
+
+    base = libs.ggml_base()
+    rows: list[BreakdownRow] = []
+    for buft, model, context, compute in libs.memory_breakdown(ctx):
+        # "Host" means "in host RAM": repacked CPU weights (AMX, CPU_REPACK) are not host-accessible
+        # buffers (ggml_backend_buft_is_host is false) but their device is the CPU.
+        device = base.ggml_backend_buft_get_device(buft)
+        in_ram = bool(base.ggml_backend_buft_is_host(buft)) or (
+            bool(device) and base.ggml_backend_dev_type(device) == libs.GGML_BACKEND_DEVICE_TYPE_CPU
+        )
+        rows.append((base.ggml_backend_buft_name(buft).decode(), in_ram, model, context, compute))
+    return rows
+
+
+def apply_memory_breakdown(
+    report: BufferReport, ctx: int | None = None, rows: list[BreakdownRow] | None = None
+) -> None:
+    """Replace the log's rounded model/KV/compute bytes by llama_get_memory_breakdown's exact ones.
+
+    In-process use (the server, after ``Llama(...)`` inside ``capture_llama_log``):
+    ``apply_memory_breakdown(report, llm._ctx.ctx)``. Does nothing where the breakdown cannot be called.
+    """
+    from tuner.llamacpp import libs
+
+    if rows is None:
+        if ctx is None or not libs.memory_breakdown_supported():
+            return
+        rows = memory_breakdown_rows(ctx)
     report.logged_buffers = dict(report.buffers)
     buffers = dict(report.buffers)
     for name, host, model_bytes, context_bytes, compute_bytes in rows:
