@@ -19,14 +19,17 @@ $(STAMP)/venv:
 	$(PIP) install -q --upgrade pip wheel setuptools
 	mkdir -p $(STAMP) && touch $@
 
-# llama-cpp-python must be built with the ggml RPC backend: the multi-device tests run llama.cpp on local RPC
-# devices. pip's wheel cache ignores CMAKE_ARGS, so a cached wheel without RPC is detected and rebuilt.
+# llama-cpp-python is built from source with the ggml RPC backend (the multi-device tests run llama.cpp on local
+# RPC devices) and without -march=native: a native build compiles in AMX kernels that fault (SIGILL) on CPUs
+# that advertise AMX but cannot run it, and it would not run on another machine anyway. pip's wheel cache
+# ignores CMAKE_ARGS, so the build never uses it; an existing install is kept only if it passes the check.
+LLAMA_CMAKE_ARGS := -DGGML_RPC=on -DGGML_NATIVE=off
+LLAMA_CHECK := $(PY) -c "import llama_cpp as l, sys; info = l.llama_print_system_info().decode(); \
+	sys.exit(0 if l.__version__ == '$(LLAMA_CPP_VERSION)' and l.llama_supports_rpc() and 'AMX' not in info else 1)"
+
 $(STAMP)/llama-cpp: $(STAMP)/venv
-	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$(LLAMA_CPP_VERSION)' and llama_cpp.llama_supports_rpc() else 1)" 2>/dev/null \
-	  || CMAKE_ARGS="-DGGML_RPC=on" $(PIP) install -q llama-cpp-python==$(LLAMA_CPP_VERSION)
-	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)" \
-	  || CMAKE_ARGS="-DGGML_RPC=on" $(PIP) install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION)
-	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 'llama-cpp-python was built without RPC')"
+	$(LLAMA_CHECK) 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir --force-reinstall llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(LLAMA_CHECK) || (echo "llama-cpp-python lacks RPC or was built for this CPU only; see Makefile" >&2; exit 1)
 	touch $@
 
 $(STAMP)/project: $(STAMP)/llama-cpp pyproject.toml

@@ -60,7 +60,7 @@ def test_h100_weights_and_kv(run: dict, synth_dir: Path) -> None:
     path = synth_dir / "h100-8b-q4_0.gguf"
     if not path.exists():
         shape = synth.LLAMA_8B.replace(n_vocab=49152, name="h100-8b")
-        synth.write_gguf(path, shape, "Q4_0", sparse=True)
+        synth.write_gguf(path, shape, "Q4_0", sparse=True, pure=True)
     model = read_model(path)
     n_gpu = run["n_gpu_layers"]
     start = max(model.n_layer + 1 - n_gpu, 0)

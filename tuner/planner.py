@@ -3,7 +3,7 @@
 The algorithm, step by step (docs/TUNER.md tells it with a worked 4090 + 4080 example):
 
   Step 1. Resolve the runtime settings: context (the user's, or 4096 capped at the training context), batch
-          sizes, flash attention ("auto" follows llama.cpp: on unless a layer sits on an RPC device), cache
+          sizes, flash attention ("auto" resolves to on, as llama.cpp does on CPU, RPC, CUDA and HIP), cache
           types (a quantised V cache needs flash attention).
   Step 2. Budget per device: free memory minus the reserve, minus the fixed overhead llama.cpp does not see
           (CUDA context, cuBLAS). Everything else — weights, KV, compute buffers — is predicted exactly for
@@ -61,18 +61,15 @@ def resolve_settings(
     model: ModelInfo, devices: Sequence[Device], request: PlanRequest, n_ctx: int | None = None
 ) -> RuntimeSettings:
     n_ctx = n_ctx or request.n_ctx or min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX)
-    if request.flash_attn == "auto":
-        # llama.cpp probes the fused op on each layer's device: the RPC backend does not offer it.
-        flash_attn = not any(d.kind == "rpc" for d in devices)
-    else:
-        flash_attn = request.flash_attn == "on"
+    # "auto": llama.cpp probes the fused op on each layer's device and enables it when every device runs it;
+    # the CPU, RPC (CPU-backed), CUDA and HIP backends all do.
+    flash_attn = request.flash_attn != "off"
     for name, type_name in (("cache-type-k", request.type_k), ("cache-type-v", request.type_v)):
         cache_type_row_bytes(type_name, model.n_embd_head_k)  # raises PlanRequestError for unknown types
         del name
     if request.type_v not in UNQUANTISED_CACHE_TYPES and not flash_attn:
-        reason = "it is off" if request.flash_attn == "off" else "auto resolves to off on RPC devices"
         raise PlanRequestError(
-            f"a quantised V cache ({request.type_v}) needs flash attention, but {reason}; "
+            f"a quantised V cache ({request.type_v}) needs flash attention, but it is off; "
             "use --flash-attn on or --cache-type-v f16"
         )
     n_ubatch = request.n_ubatch
