@@ -1,0 +1,181 @@
+"""What a loaded model really allocated, per device, beside what the tuner predicted.
+
+Two measurements: llama.cpp's own per-buffer report (always; exact bytes through llama_get_memory_breakdown
+where it can be called, else its log lines to 0.01 MiB), and NVML's used-memory increase over the load
+(NVIDIA only; it includes the CUDA context and cuBLAS workspace that llama.cpp does not report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel
+
+from tuner.devices import Device
+from tuner.llamacpp.buffer_log import BufferReport, BufferSizes
+from tuner.plan import Plan
+
+log = logging.getLogger("llamasplit.allocation")
+
+
+class DeviceMemory(BaseModel):
+    """One planned device: the tuner's prediction and what was measured after loading."""
+
+    index: int
+    name: str
+    kind: str
+    predicted_bytes: int
+    predicted_weights_bytes: int
+    predicted_kv_bytes: int
+    predicted_compute_bytes: int
+    predicted_overhead_bytes: int
+    buffer_name: str | None = None  # llama.cpp's name for this device's buffers (CUDA0, RPC0[host:port])
+    actual_bytes: int | None = None  # llama.cpp's buffers on this device
+    actual: BufferSizes | None = None
+    nvml_used_bytes: int | None = None  # NVML "used" increase during the load (NVIDIA only)
+
+
+class HostMemory(BaseModel):
+    predicted_bytes: int
+    actual_bytes: int | None = None  # llama.cpp's host buffers (CPU, CPU_Mapped, CPU_REPACK, *_Host)
+
+
+class MemoryReport(BaseModel):
+    exact: bool  # llama.cpp figures from llama_get_memory_breakdown (else log-rounded to 0.01 MiB)
+    devices: list[DeviceMemory]
+    host: HostMemory
+    buffers: dict[str, BufferSizes]
+
+
+def build_memory_report(
+    plan: Plan,
+    report: BufferReport | None,
+    *,
+    nvml_before: dict[str, int] | None = None,
+    nvml_after: dict[str, int] | None = None,
+    devices: Sequence[Device] = (),
+) -> MemoryReport:
+    """Pair each planned device with its llama.cpp buffers (by llama.cpp's device order) and NVML delta."""
+    used = report.devices if report is not None else []
+    rows: list[DeviceMemory] = []
+    for position, dp in enumerate(plan.devices):
+        row = DeviceMemory(
+            index=dp.index,
+            name=dp.name,
+            kind=dp.kind,
+            predicted_bytes=dp.total_bytes,
+            predicted_weights_bytes=dp.weights_bytes,
+            predicted_kv_bytes=dp.kv_bytes,
+            predicted_compute_bytes=dp.compute_bytes,
+            predicted_overhead_bytes=dp.overhead_bytes,
+        )
+        if report is not None:
+            buffer_name = _buffer_name(report, used[position].name if position < len(used) else None, dp.name)
+            if buffer_name is not None:
+                sizes = report.buffer(buffer_name)
+                row.buffer_name = buffer_name
+                row.actual = sizes
+                row.actual_bytes = sizes.total_bytes
+        device = devices[dp.index] if dp.index < len(devices) else None
+        key = _nvml_key(device)
+        if key is not None and nvml_before is not None and nvml_after is not None and key in nvml_after:
+            row.nvml_used_bytes = nvml_after[key] - nvml_before.get(key, 0)
+        rows.append(row)
+    host_actual = sum(s.total_bytes for s in report.host_buffers().values()) if report is not None else None
+    return MemoryReport(
+        exact=bool(report and report.exact),
+        devices=rows,
+        host=HostMemory(predicted_bytes=plan.host.total_bytes, actual_bytes=host_actual),
+        buffers=dict(report.buffers) if report is not None else {},
+    )
+
+
+def _buffer_name(report: BufferReport, ggml_name: str | None, plan_name: str) -> str | None:
+    # RPC device names in the plan already are llama.cpp's buffer names (RPC0[host:port]).
+    if plan_name in report.buffers:
+        return plan_name
+    if ggml_name is None:
+        return None
+    return report.device_buffer_names.get(ggml_name, ggml_name)
+
+
+def fill_plan_actuals(plan: Plan, memory: MemoryReport) -> Plan:
+    """A copy of the plan whose DevicePlan.actual_bytes holds the measured figures."""
+    by_index = {row.index: row for row in memory.devices}
+    devices = []
+    for dp in plan.devices:
+        row = by_index.get(dp.index)
+        actual: dict[str, int] | None = None
+        if row is not None and (row.actual is not None or row.nvml_used_bytes is not None):
+            actual = {}
+            if row.actual is not None:
+                actual.update(
+                    weights_bytes=row.actual.model_bytes,
+                    kv_bytes=row.actual.kv_bytes,
+                    compute_bytes=row.actual.compute_bytes + row.actual.output_bytes,
+                    total_bytes=row.actual.total_bytes,
+                )
+            if row.nvml_used_bytes is not None:
+                actual["nvml_used_bytes"] = row.nvml_used_bytes
+        devices.append(dp.model_copy(update={"actual_bytes": actual}))
+    return plan.model_copy(update={"devices": devices})
+
+
+# --- NVML ------------------------------------------------------------------------------------------------
+
+
+def _nvml_key(device: Device | None) -> str | None:
+    if device is None or device.kind != "cuda":
+        return None
+    return device.uuid or device.pci_bus_id
+
+
+def nvml_used_bytes() -> dict[str, int] | None:
+    """NVML "used" bytes of every NVIDIA GPU keyed by UUID and by PCI bus id; None without NVML."""
+    pynvml = _import_pynvml()
+    if pynvml is None:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        log.debug("NVML unavailable: %s", exc)
+        return None
+    try:
+        used: dict[str, int] = {}
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            used_bytes = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            used[_text(pynvml.nvmlDeviceGetUUID(handle))] = used_bytes
+            bus_id = _bus_id(pynvml.nvmlDeviceGetPciInfo(handle))
+            if bus_id:
+                used[bus_id] = used_bytes
+        return used
+    except pynvml.NVMLError as exc:
+        log.warning("NVML could not read GPU memory: %s", exc)
+        return None
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def _import_pynvml() -> ModuleType | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bus_id(pci_info: Any) -> str | None:
+    from tuner.inventory.nvidia import normalise_pci_bus_id
+
+    raw = getattr(pci_info, "busId", None)
+    return normalise_pci_bus_id(_text(raw)) if raw else None

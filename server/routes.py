@@ -1,0 +1,267 @@
+"""HTTP endpoints: the OpenAI API (/v1/...), /v1/plan, /health and /metrics. Knows nothing of llama.cpp.
+
+Request bodies are read here rather than by FastAPI: the size limit (413) is enforced while reading, and a
+body that is not UTF-8, not JSON or not an object is a 400 that says which. Disconnects cancel generation:
+streams through the response's own disconnect watch, non-streaming requests through ``until_disconnect``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server import serving
+from server.auth import ApiKeyChecker
+from server.config import Settings
+from server.errors import InvalidRequestError, PayloadTooLargeError, from_validation_error
+from server.metrics import CONTENT_TYPE, Metrics
+from server.protocol import UNION_HINTS, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.registry import ModelRegistry, ServedModel
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    registry: ModelRegistry
+    metrics: Metrics
+    auth: ApiKeyChecker
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.llamasplit  # type: ignore[no-any-return]
+
+
+async def require_api_key(request: Request) -> None:
+    app_state(request).auth.check(request.headers.get("authorization"))
+
+
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+ops = APIRouter()
+
+
+# --- request bodies --------------------------------------------------------------------------------------
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``max_bytes``, 400 for bad UTF-8, bad JSON or a non-object."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise InvalidRequestError(f"Content-Length {declared!r} is not a number")
+        if int(declared) > max_bytes:
+            raise PayloadTooLargeError(
+                f"the request body is {int(declared):,} bytes; this server accepts at most {max_bytes:,} "
+                "(max_body_bytes)"
+            )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLargeError(f"the request body exceeds {max_bytes:,} bytes (max_body_bytes)")
+    if not body:
+        raise InvalidRequestError("the request body is empty; send a JSON object")
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid UTF-8 (bad byte at offset {exc.start})") from exc
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+    except (ValueError, RecursionError) as exc:  # NaN/Infinity, integers past 4300 digits, deep nesting
+        raise InvalidRequestError(f"the request body is not acceptable JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"the request body must be a JSON object, not a JSON {_json_kind(value)}")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def parse_request(model_cls: type[M], body: dict[str, Any]) -> M:
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc, body, UNION_HINTS) from exc
+    except RecursionError as exc:
+        raise InvalidRequestError("the request is nested too deeply") from exc
+
+
+# --- cancellation ----------------------------------------------------------------------------------------
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client goes away first; then cancel it (which stops the generation)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream whose generator is closed, and admission released, however the stream ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+# --- the OpenAI API --------------------------------------------------------------------------------------
+
+
+async def _generate(
+    request: Request,
+    model_cls: type[ChatCompletionRequest] | type[CompletionRequest],
+) -> Response:
+    received_s = time.perf_counter()
+    state = app_state(request)
+    body = await read_json_object(request, state.settings.max_body_bytes)
+    parsed = parse_request(model_cls, body)
+    model = state.registry.get(parsed.model)
+    if isinstance(parsed, ChatCompletionRequest):
+        prepared = serving.prepare_chat(parsed, model, received_s)
+        whole, sse = serving.chat_completion, serving.chat_sse
+    else:
+        prepared = serving.prepare_completion(parsed, model, received_s)
+        whole, sse = serving.completion, serving.completion_sse
+    assert model.queue is not None
+    admission = model.queue.reserve()
+    events = serving.events(prepared, admission, state.metrics)
+    if parsed.stream:
+        body_iter = sse(prepared, events)
+
+        async def close() -> None:
+            admission.release()
+            await body_iter.aclose()  # type: ignore[attr-defined]
+            await events.aclose()  # type: ignore[attr-defined]
+
+        return SSEResponse(body_iter, close)
+    try:
+        result = await until_disconnect(request, whole(prepared, events))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    finally:
+        admission.release()
+        await events.aclose()  # type: ignore[attr-defined]
+    return JSONResponse(result.model_dump())
+
+
+@api.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, ChatCompletionRequest)
+
+
+@api.post("/completions")
+async def completions(request: Request) -> Response:
+    return await _generate(request, CompletionRequest)
+
+
+def _card(model: ServedModel) -> ModelCard:
+    return ModelCard(
+        id=model.alias,
+        created=model.created_s,
+        status="ready" if model.state == "ready" else "failed" if model.state == "failed" else "loading",
+        path=str(model.path),
+        n_ctx=model.params.n_ctx,
+        n_ctx_per_seq=model.n_ctx_per_seq,
+        parallel=model.params.n_seq_max,
+    )
+
+
+@api.get("/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(m) for m in app_state(request).registry.models.values()])
+
+
+@api.get("/models/{model_id:path}")
+async def get_model(request: Request, model_id: str) -> ModelCard:
+    registry = app_state(request).registry
+    if model_id not in registry.models:
+        registry.get(model_id)  # raises the 404 with the list of served models
+    return _card(registry.models[model_id])
+
+
+@api.get("/plan")
+async def get_plan(request: Request) -> dict[str, Any]:
+    """Every model's plan with predicted and (once loaded) actual bytes per device."""
+    data = []
+    for model in app_state(request).registry.models.values():
+        data.append(
+            {
+                "model": model.alias,
+                "status": model.state,
+                "error": model.error,
+                "load_params": model.params.__dict__,
+                "plan": model.plan.model_dump(mode="json"),
+                "memory": model.memory.model_dump(mode="json") if model.memory is not None else None,
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+# --- operations --------------------------------------------------------------------------------------------
+
+
+@ops.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 when every model is loaded; 503 (with Retry-After) while loading or after a failed load."""
+    registry = app_state(request).registry
+    models = {m.alias: m.state for m in registry.models.values()}
+    if registry.ready:
+        return JSONResponse({"status": "ok", "models": models})
+    status = "error" if registry.failed else "loading"
+    return JSONResponse({"status": status, "models": models}, status_code=503, headers={"Retry-After": "5"})
+
+
+@ops.get("/metrics", dependencies=[Depends(require_api_key)])
+async def metrics(request: Request) -> Response:
+    return Response(app_state(request).metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,397 @@
+"""OpenAI requests in, engine requests out; engine events in, OpenAI responses and SSE chunks out.
+
+Knows the OpenAI protocol and the Engine protocol, neither FastAPI nor llama.cpp. Every check that needs
+the model (prompt length against the context, logit_bias ids, the schema's grammar) happens in ``prepare_*``
+so that it is a 400 before any slot is taken or any byte of a stream is sent.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.admission import Admission
+from server.engine import (
+    FinishEvent,
+    GenerationEvent,
+    GenerationRequest,
+    OutputConstraint,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
+from server.errors import ContextLengthError, InvalidRequestError, sse_error
+from server.metrics import Metrics
+from server.protocol import (
+    AssistantMessage,
+    AssistantReply,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    DeveloperMessage,
+    JSONObjectFormat,
+    JSONSchemaFormat,
+    TokenLogprobEntry,
+    ToolMessage,
+    TopLogprob,
+    Usage,
+    message_text,
+    new_id,
+    now_s,
+)
+from server.registry import ServedModel
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    model: ServedModel
+    generation: GenerationRequest
+    received_s: float  # time.perf_counter() when the request arrived (time-to-first-token starts here)
+    include_usage: bool = False
+    top_logprobs: int = 0
+    echo_text: str = ""
+    id: str = field(default_factory=lambda: new_id("chatcmpl"))
+    created: int = field(default_factory=now_s)
+
+
+# --- request -> GenerationRequest ------------------------------------------------------------------------
+
+
+def template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The messages as chat templates expect them: plain dicts, text content, developer -> system."""
+    out: list[dict[str, Any]] = []
+    for message in request.messages:
+        role = "system" if isinstance(message, DeveloperMessage) else message.role
+        item: dict[str, Any] = {"role": role, "content": message_text(message.content) or ""}
+        if getattr(message, "name", None):
+            item["name"] = message.name  # type: ignore[union-attr]
+        if isinstance(message, AssistantMessage) and message.tool_calls:
+            item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if isinstance(message, ToolMessage):
+            item["tool_call_id"] = message.tool_call_id
+        out.append(item)
+    return out
+
+
+def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s: float) -> Prepared:
+    engine = model.engine
+    assert engine is not None
+    prompt = engine.encode_chat(template_messages(request))
+    limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = request.completion_limit()
+    check_context(len(prompt), max_tokens, model.n_ctx_per_seq, prompt_param="messages", limit_param=limit_param)
+    stop = request.stop_list() + tuple(s for s in engine_stops(model) if s not in request.stop_list())
+    generation = GenerationRequest(
+        prompt_tokens=tuple(prompt),
+        max_tokens=max_tokens,
+        sampling=sampling_params(request, model),
+        stop=stop,
+        constraint=output_constraint(request),
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+    )
+    engine.check(generation)
+    return Prepared(
+        model=model,
+        generation=generation,
+        received_s=received_s,
+        include_usage=request.include_usage(),
+        top_logprobs=request.top_logprobs or 0,
+        id=new_id("chatcmpl"),
+    )
+
+
+def prepare_completion(request: CompletionRequest, model: ServedModel, received_s: float) -> Prepared:
+    engine = model.engine
+    assert engine is not None
+    prompt_value = request.prompt_value()
+    if isinstance(prompt_value, str):
+        prompt = engine.encode_text(prompt_value)
+        echo_text = prompt_value
+    else:
+        bad = [t for t in prompt_value if t >= engine.n_vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt holds token id {bad[0]}, but this model's ids run from 0 to {engine.n_vocab - 1}",
+                param="prompt",
+            )
+        prompt = list(prompt_value)
+        echo_text = engine.decode_tokens(prompt) if request.echo else ""
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty; send at least one token of text", param="prompt")
+    check_context(len(prompt), request.max_tokens, model.n_ctx_per_seq, prompt_param="prompt", limit_param="max_tokens")
+    generation = GenerationRequest(
+        prompt_tokens=tuple(prompt),
+        max_tokens=request.max_tokens,
+        sampling=sampling_params(request, model),
+        stop=request.stop_list(),
+        constraint=output_constraint(request),
+        logprobs=request.logprobs,
+    )
+    engine.check(generation)
+    return Prepared(
+        model=model,
+        generation=generation,
+        received_s=received_s,
+        include_usage=request.include_usage(),
+        top_logprobs=request.logprobs or 0,
+        echo_text=echo_text if request.echo else "",
+        id=new_id("cmpl"),
+    )
+
+
+def check_context(n_prompt: int, max_tokens: int | None, n_ctx: int, *, prompt_param: str, limit_param: str) -> None:
+    """400 when the prompt leaves no room to generate, or prompt + max_tokens exceeds the context."""
+    if n_prompt >= n_ctx:
+        raise ContextLengthError(
+            f"the prompt is {n_prompt:,} tokens but the model's context holds {n_ctx:,} tokens per sequence "
+            f"(and at least one must be left to generate); shorten the prompt or start the model with a larger "
+            f"--ctx",
+            param=prompt_param,
+        )
+    if max_tokens is not None and n_prompt + max_tokens > n_ctx:
+        raise ContextLengthError(
+            f"the prompt is {n_prompt:,} tokens and {limit_param} asks for {max_tokens:,} more, "
+            f"{n_prompt + max_tokens:,} in all, but the model's context holds {n_ctx:,} tokens per sequence; "
+            f"set {limit_param} to at most {n_ctx - n_prompt:,} or shorten the prompt",
+            param=limit_param,
+        )
+
+
+def engine_stops(model: ServedModel) -> tuple[str, ...]:
+    stops = getattr(model.engine, "stop_strings", None)
+    return tuple(stops()) if callable(stops) else ()
+
+
+def sampling_params(request: ChatCompletionRequest | CompletionRequest, model: ServedModel) -> SamplingParams:
+    defaults = model.sampling
+
+    def given(value: float | int | None, default: float | int) -> Any:
+        return default if value is None else value
+
+    return SamplingParams(
+        temperature=given(request.temperature, defaults.temperature),
+        top_p=given(request.top_p, defaults.top_p),
+        top_k=given(request.top_k, defaults.top_k),
+        min_p=given(request.min_p, defaults.min_p),
+        # No seed: a fresh one per request, so that equal prompts do not get equal samples.
+        seed=request.seed if request.seed is not None else secrets.randbits(32),
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias={int(k): v for k, v in (request.logit_bias or {}).items()},
+    )
+
+
+def output_constraint(request: ChatCompletionRequest | CompletionRequest) -> OutputConstraint | None:
+    fmt = request.response_format
+    if isinstance(fmt, JSONObjectFormat):
+        return OutputConstraint(schema=None)
+    if isinstance(fmt, JSONSchemaFormat):
+        return OutputConstraint(schema=fmt.json_schema.schema_)
+    return None
+
+
+# --- running ---------------------------------------------------------------------------------------------
+
+
+async def events(prepared: Prepared, admission: Admission, metrics: Metrics) -> AsyncIterator[GenerationEvent]:
+    """Wait for a slot, run the engine, record metrics; closing this iterator cancels the generation."""
+    model = prepared.model
+    engine = model.engine
+    assert engine is not None
+    label = model.alias
+    async with admission:
+        stream = engine.generate(prepared.generation)
+        last_s: float | None = None
+        finished = False
+        try:
+            async for event in stream:
+                if isinstance(event, TokenEvent):
+                    if last_s is None:
+                        metrics.ttft.labels(label).observe(max(event.time_s - prepared.received_s, 0.0))
+                        metrics.prompt_tokens.labels(label).inc(len(prepared.generation.prompt_tokens))
+                    else:
+                        metrics.itl.labels(label).observe(max(event.time_s - last_s, 0.0))
+                    last_s = event.time_s
+                    metrics.generated_tokens.labels(label).inc()
+                elif last_s is None:  # finished without a token (EOS first)
+                    metrics.prompt_tokens.labels(label).inc(event.prompt_tokens)
+                finished = finished or isinstance(event, FinishEvent)
+                yield event
+        finally:
+            if not finished:
+                metrics.cancelled.labels(label).inc()
+            await stream.aclose()
+
+
+def usage(finish: FinishEvent) -> Usage:
+    return Usage(
+        prompt_tokens=finish.prompt_tokens,
+        completion_tokens=finish.completion_tokens,
+        total_tokens=finish.prompt_tokens + finish.completion_tokens,
+    )
+
+
+def chat_logprob(lp: TokenLogprob, top_n: int) -> TokenLogprobEntry:
+    return TokenLogprobEntry(
+        token=lp.token,
+        logprob=lp.logprob,
+        bytes=list(lp.token_bytes),
+        top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes)) for t in lp.top[:top_n]],
+    )
+
+
+async def chat_completion(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> ChatCompletion:
+    text: list[str] = []
+    logprobs: list[TokenLogprobEntry] = []
+    finish: FinishEvent | None = None
+    async for event in stream:
+        if isinstance(event, TokenEvent):
+            text.append(event.text)
+            if event.logprob is not None:
+                logprobs.append(chat_logprob(event.logprob, prepared.top_logprobs))
+        else:
+            text.append(event.text)
+            finish = event
+    assert finish is not None
+    return ChatCompletion(
+        id=prepared.id,
+        created=prepared.created,
+        model=prepared.model.alias,
+        choices=[
+            ChatChoice(
+                index=0,
+                message=AssistantReply(content="".join(text)),
+                logprobs=ChoiceLogprobs(content=logprobs) if prepared.generation.logprobs is not None else None,
+                finish_reason=finish.finish_reason,
+            )
+        ],
+        usage=usage(finish),
+    )
+
+
+async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> AsyncIterator[str]:
+    """SSE events of a streamed chat completion, ending in ``data: [DONE]`` (or an error event)."""
+
+    def chunk(delta: ChatDelta, finish: str | None = None, logprobs: list[TokenLogprobEntry] | None = None) -> str:
+        choice = ChatChunkChoice(
+            index=0,
+            delta=delta,
+            finish_reason=finish,  # type: ignore[arg-type]
+            logprobs=ChoiceLogprobs(content=logprobs) if logprobs is not None else None,
+        )
+        body = ChatCompletionChunk(
+            id=prepared.id, created=prepared.created, model=prepared.model.alias, choices=[choice]
+        )
+        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+
+    try:
+        yield chunk(ChatDelta(role="assistant", content=""))
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                lps = [chat_logprob(event.logprob, prepared.top_logprobs)] if event.logprob is not None else None
+                if event.text or lps:
+                    yield chunk(ChatDelta(content=event.text), logprobs=lps)
+                continue
+            if event.text:
+                yield chunk(ChatDelta(content=event.text))
+            yield chunk(ChatDelta(), finish=event.finish_reason)
+            if prepared.include_usage:
+                body = ChatCompletionChunk(
+                    id=prepared.id, created=prepared.created, model=prepared.model.alias, choices=[], usage=usage(event)
+                )
+                yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+        yield DONE
+    except Exception as exc:  # the status line is sent: report the failure in-band
+        yield sse_error(exc)
+
+
+class _CompletionLogprobs:
+    def __init__(self, top_n: int, start_offset: int) -> None:
+        self.top_n = top_n
+        self.offset = start_offset
+        self.value = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+
+    def add(self, lp: TokenLogprob) -> CompletionLogprobs:
+        one = CompletionLogprobs(
+            tokens=[lp.token],
+            token_logprobs=[lp.logprob],
+            top_logprobs=[{t.token: t.logprob for t in lp.top[: self.top_n]}],
+            text_offset=[self.offset],
+        )
+        self.offset += len(lp.token)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(self.value, name).extend(getattr(one, name))
+        return one
+
+
+async def completion(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> Completion:
+    text = [prepared.echo_text]
+    logprobs = _CompletionLogprobs(prepared.top_logprobs, len(prepared.echo_text))
+    finish: FinishEvent | None = None
+    async for event in stream:
+        text.append(event.text)
+        if isinstance(event, TokenEvent):
+            if event.logprob is not None:
+                logprobs.add(event.logprob)
+        else:
+            finish = event
+    assert finish is not None
+    return Completion(
+        id=prepared.id,
+        created=prepared.created,
+        model=prepared.model.alias,
+        choices=[
+            CompletionChoice(
+                index=0,
+                text="".join(text),
+                logprobs=logprobs.value if prepared.generation.logprobs is not None else None,
+                finish_reason=finish.finish_reason,
+            )
+        ],
+        usage=usage(finish),
+    )
+
+
+async def completion_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> AsyncIterator[str]:
+    def chunk(text: str, finish: str | None = None, logprobs: CompletionLogprobs | None = None) -> str:
+        body = Completion(
+            id=prepared.id,
+            created=prepared.created,
+            model=prepared.model.alias,
+            choices=[CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
+        )
+        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+
+    logprobs = _CompletionLogprobs(prepared.top_logprobs, len(prepared.echo_text))
+    try:
+        if prepared.echo_text:
+            yield chunk(prepared.echo_text)
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                one = logprobs.add(event.logprob) if event.logprob is not None else None
+                if event.text or one is not None:
+                    yield chunk(event.text, logprobs=one)
+                continue
+            yield chunk(event.text, finish=event.finish_reason)
+            if prepared.include_usage:
+                body = Completion(
+                    id=prepared.id, created=prepared.created, model=prepared.model.alias, choices=[], usage=usage(event)
+                )
+                yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+        yield DONE
+    except Exception as exc:
+        yield sse_error(exc)
