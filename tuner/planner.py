@@ -142,37 +142,76 @@ class LayerPlanner:
         return candidate
 
     def score(self, candidate: Candidate) -> tuple[float, ...]:
-        """Lower is better. Both objectives first maximise the entries on devices (CPU layers are slowest)."""
+        """Lower is better: fitting first, then the most entries on devices (CPU layers are slowest), then the
+        objective (predicted token time, or the smallest headroom fraction for `balanced`)."""
+        overflow = -sum(min(h, 0) for h in candidate.headroom)
         on_devices = -sum(candidate.counts)
         triples = zip(candidate.headroom, self.budgets, candidate.counts, strict=True)
         fractions = [h / b if b > 0 else -1.0 for h, b, c in triples if c]
         least_headroom = -min(fractions, default=1.0)
         if self.request.objective == "balanced":
-            return (on_devices, least_headroom, candidate.token_time_s)
-        return (on_devices, round(candidate.token_time_s, 7), least_headroom)
+            return (overflow, on_devices, least_headroom, candidate.token_time_s)
+        return (overflow, on_devices, round(candidate.token_time_s, 7), least_headroom)
 
     def search(self, n_gpu_layers: int | None = None) -> Candidate:
-        """Step 3: greedy growth from the output layer down, then single-entry moves while they help."""
-        n_devices = len(self.devices)
+        """Step 3: the most entries that fit (first-fit fills, bisected over the count), then local moves.
+
+        Method: ``first_fit(g)`` succeeding is monotone in g — fewer entries on the devices never need more
+        memory on any of them — so a bisection over g finds the largest count that fits in log2(n_layer) fills.
+        A count the user fixed is filled directly; if it cannot fit, the closest (proportional) placement is
+        returned so that the verdict can say by how much each device is short.
+        """
         n_entries = self.model.n_layer + 1
-        target = n_entries if n_gpu_layers is None else min(n_gpu_layers, n_entries)
+        if n_gpu_layers is not None:
+            target = min(n_gpu_layers, n_entries)
+            counts = self.first_fit(target)
+            return self.improve(self.evaluate(counts if counts is not None else self.proportional(target)))
+        best_counts = self.first_fit(n_entries)
+        if best_counts is None:
+            low, high = 0, n_entries - 1  # invariant: first_fit(low) fits (zero entries always does)
+            best_counts = [0] * len(self.devices)
+            while low < high:
+                middle = (low + high + 1) // 2
+                counts = self.first_fit(middle)
+                if counts is not None:
+                    low, best_counts = middle, counts
+                else:
+                    high = middle - 1
+        return self.improve(self.evaluate(best_counts))
+
+    def first_fit(self, n_on_devices: int) -> list[int] | None:
+        """Fill the devices in llama.cpp's order, each with as many of the remaining entries as it holds (a
+        bisection per device: its memory grows with its count); the last device takes the rest, output layer
+        included. None when that does not fit."""
+        n_devices = len(self.devices)
         counts = [0] * n_devices
-        best = self.evaluate(counts)
-        # Growth: each step offers one more entry to every device and keeps the best fitting option. Stops at
-        # the target count or when no device can take another entry (the rest stays on the CPU).
-        while sum(counts) < target:
-            options = []
-            for device in range(n_devices):
-                trial = list(counts)
-                trial[device] += 1
-                candidate = self.evaluate(trial)
-                if candidate.fits or n_gpu_layers is not None:
-                    options.append(candidate)
-            if not options:
-                break
-            best = min(options, key=self.score)
-            counts = list(best.counts)
-        return self.improve(best)
+        remaining = n_on_devices
+        for device in range(n_devices - 1):
+            low, high = 0, remaining
+            while low < high:
+                middle = (low + high + 1) // 2
+                # The rest goes provisionally to the last device, so that the output layer lands where it will.
+                trial = [*counts[:device], middle, *([0] * (n_devices - device - 2)), remaining - middle]
+                if self.evaluate(trial).headroom[device] >= 0:
+                    low = middle
+                else:
+                    high = middle - 1
+            counts[device] = low
+            remaining -= low
+        if n_devices:
+            counts[-1] = remaining
+        return counts if self.evaluate(counts).fits else None
+
+    def proportional(self, n_on_devices: int) -> list[int]:
+        """Entries in proportion to each device's budget (largest remainders), for an infeasible fixed count."""
+        budgets = [max(b, 0) for b in self.budgets]
+        total = sum(budgets) or 1
+        shares = [n_on_devices * b / total for b in budgets]
+        counts = [int(share) for share in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda i: shares[i] - counts[i], reverse=True)
+        for index in by_remainder[: n_on_devices - sum(counts)]:
+            counts[index] += 1
+        return counts
 
     def improve(self, start: Candidate) -> Candidate:
         """Local search: move one entry between two devices while the score improves (a strict decrease, so it
