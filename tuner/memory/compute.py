@@ -85,7 +85,8 @@ _VIEW_OPS = frozenset({"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})  # ggml_is_vi
 class _T:
     """One ggml tensor. ``home`` is the backend owning a pre-allocated buffer (weights, KV cache)."""
 
-    __slots__ = ("flags", "home", "host", "name", "nb", "ne", "op", "src", "type", "view_src", "weight")
+    __slots__ = ("allocated", "bid", "buf", "flags", "home", "host", "n_children", "n_views", "name", "nb", "ne",
+                 "offset", "op", "size", "src", "type", "view_src", "weight")
 
     def __init__(self, op: str, type_: str, ne: tuple[int, ...], src: tuple[_T, ...] = (),
                  nb: tuple[int, ...] | None = None, view_src: _T | None = None, name: str = "") -> None:
@@ -100,6 +101,14 @@ class _T:
         self.home: int | None = None
         self.host = False
         self.weight = False
+        self.bid = -1  # the scheduler's backend for this tensor
+        # the allocator's bookkeeping (ggml_gallocr's hash_node)
+        self.n_children = 0
+        self.n_views = 0
+        self.allocated = False
+        self.buf = -1
+        self.offset = 0
+        self.size = 0
 
     @property
     def nbytes(self) -> int:
@@ -131,8 +140,13 @@ def _dup(op: str, a: _T, *src: _T) -> _T:
     return _T(op, a.type, a.ne, (a, *src))
 
 
-def _view(a: _T, ne: tuple[int, ...], nb: tuple[int, ...], op: str = "VIEW") -> _T:
-    return _T(op, a.type, ne, (a,), nb=(a.nb[0], *nb), view_src=a)
+def _view(a: _T, ne: tuple[int, ...], nb: tuple[int, ...]) -> _T:
+    """ggml_view_Nd: ``nb`` gives strides 1..N-1; the missing outer ones follow from the shape."""
+    full_ne = (*ne, 1, 1, 1, 1)[:4]
+    strides = [a.nb[0], *nb]
+    while len(strides) < 4:
+        strides.append(strides[-1] * full_ne[len(strides) - 1])
+    return _T("VIEW", a.type, full_ne, (a,), nb=tuple(strides), view_src=a)
 
 
 def _reshape(a: _T, *ne: int) -> _T:
@@ -244,35 +258,45 @@ class _Run:
     type_v: str
 
 
-class _Decoder:
-    """Builds one reserve graph; ``place(il)`` says where layer il lives (n_layer = output, None = CPU)."""
+@dataclass(frozen=True)
+class _Layer:
+    """One block of the rebuilt graph."""
 
-    def __init__(self, shape: _Shape, run: _Run, place: Callable[[int | None], int], cpu: int,
+    il: int  # the model layer whose shapes and weight names it uses (a representative of equal layers)
+    home: int  # the backend holding its weights and KV cache
+    last: bool  # the model's last block: it selects the output rows
+
+
+class _Decoder:
+    """Builds one reserve graph from a plan of blocks; ``out_home`` holds the output layer."""
+
+    def __init__(self, shape: _Shape, run: _Run, plan: tuple[_Layer, ...], out_home: int, cpu: int,
                  pin_norms: bool) -> None:
         self.s = shape
         self.r = run
-        self.place = place
+        self.plan = plan
+        self.out_home = out_home
         self.cpu = cpu
         self.pin_norms = pin_norms
         self.g = _Graph()
-        self.pinned: dict[int, int] = {}
         self._weights = {name: (type_, ne) for name, type_, ne in shape.weights}
         self._leaf_cache: dict[str, _T] = {}
 
     # -- leaves --------------------------------------------------------------------------------------
-    def weight(self, name: str, layer: int | None, fallback: tuple[str, tuple[int, ...]] | None = None) -> _T | None:
-        """A weight leaf on its layer's backend; None when the model has no such tensor."""
+    def weight(self, name: str, home: int, key: object,
+               fallback: tuple[str, tuple[int, ...]] | None = None) -> _T | None:
+        """A weight leaf of block ``key`` on backend ``home``; None when the model has no such tensor."""
         spec = self._weights.get(name, fallback)
         if spec is None:
             return None
-        key = f"{name}@{layer}"
-        if key not in self._leaf_cache:
+        cache_key = f"{name}@{key}"
+        if cache_key not in self._leaf_cache:
             t = _T("NONE", spec[0], spec[1], name=name)
-            t.home = self.place(layer)
+            t.home = home
             t.host = t.home == self.cpu
             t.weight = True
-            self._leaf_cache[key] = t
-        return self._leaf_cache[key]
+            self._leaf_cache[cache_key] = t
+        return self._leaf_cache[cache_key]
 
     def input(self, name: str, type_: str, ne: tuple[int, ...]) -> _T:
         if name not in self._leaf_cache:
@@ -281,15 +305,16 @@ class _Decoder:
             self._leaf_cache[name] = t
         return self._leaf_cache[name]
 
-    def kv(self, kind: str, il: int, n_embd_gqa: int, size: int, type_: str) -> _T:
-        t = _T("NONE", type_, (n_embd_gqa, size, self.r.n_stream), name=f"cache_{kind}_l{il}")
-        t.home = self.place(il)
+    def kv(self, kind: str, home: int, n_embd_gqa: int, size: int, type_: str) -> _T:
+        t = _T("NONE", type_, (n_embd_gqa, size, self.r.n_stream), name=f"cache_{kind}")
+        t.home = home
         return t
 
-    def norm(self, x: _T, w: _T | None, il: int) -> _T:
+    def norm(self, x: _T, w: _T | None, home: int | None) -> _T:
+        """build_norm (RMS); ``home`` is the layer's backend where llama.cpp names it "norm-il"."""
         cur = _dup("RMS_NORM", x)
-        if self.pin_norms and il >= 0 and w is not None:
-            self.pinned[id(cur)] = self.place(il)  # llama_context::graph_get_cb pins "norm" to the layer
+        if self.pin_norms and home is not None and w is not None:
+            cur.bid = home  # llama_context::graph_get_cb pins "norm-il" to the layer's device
         return _dup("MUL", cur, w) if w is not None else cur
 
     def mm(self, w: _T, x: _T, bias: _T | None = None) -> _T:
@@ -300,7 +325,7 @@ class _Decoder:
     def build(self) -> _Graph:
         s, r, g = self.s, self.r, self.g
         T = r.n_tokens
-        tok = self.weight("token_embd.weight", None, (_F16, (s.n_embd, s.n_vocab)))
+        tok = self.weight("token_embd.weight", self.cpu, "in", (_F16, (s.n_embd, s.n_vocab)))
         assert tok is not None
         inp_tokens = self.input("inp_tokens", _I32, (T,))
         inp_embd = self.input("inp_embd", _F32, (s.n_embd, T))
@@ -310,11 +335,12 @@ class _Decoder:
         inpL = cur
         if s.arch in _EMBD_SCALED:
             inpL = _dup("SCALE", inpL)
-        for il in range(s.n_layer):
-            inpL = self.block(il, inpL)
-        cur = self.norm(inpL, self.weight("output_norm.weight", s.n_layer, (_F32, (s.n_embd,))), -1)
+        for key, layer in enumerate(self.plan):
+            inpL = self.block(key, layer, inpL)
+        out = self.out_home
+        cur = self.norm(inpL, self.weight("output_norm.weight", out, "out", (_F32, (s.n_embd,))), None)
         cur.flags |= OUTPUT
-        out_w = self.weight("output.weight", s.n_layer) or self.weight("token_embd.weight", s.n_layer)
+        out_w = self.weight("output.weight", out, "out") or self.weight("token_embd.weight", out, "out")
         assert out_w is not None
         logits = _mul_mat(out_w, cur)
         if s.arch in _LOGIT_SOFTCAP:
@@ -323,28 +349,28 @@ class _Decoder:
         g.expand(logits)
         return g
 
-    def block(self, il: int, inpL: _T) -> _T:
-        s, r = self.s, self.r
+    def block(self, key: int, layer: _Layer, inpL: _T) -> _T:
+        r, il, home = self.r, layer.il, layer.home
         T = r.n_tokens
-        w = self.layer_weights(il)
-        cur = self.norm(inpL, w["attn_norm"], il)
-        q, k, v = self.qkv(il, cur, w)
-        cur = self.attention(il, q, k, v, w)
+        w = self.layer_weights(il, home, key)
+        cur = self.norm(inpL, w["attn_norm"], home)
+        q, k, v = self.qkv(il, home, cur, w)
+        cur = self.attention(il, home, q, k, v, w)
         inpSA = inpL
-        if il == s.n_layer - 1:
+        if layer.last:
             out_ids = self.input("out_ids", _I32, (r.n_outputs,))
             cur = _get_rows(cur, out_ids)
             inpSA = _get_rows(inpSA, out_ids)
         if w["attn_post_norm"] is not None:
-            cur = self.norm(cur, w["attn_post_norm"], il)
+            cur = self.norm(cur, w["attn_post_norm"], home)
         ffn_inp = _dup("ADD", cur, inpSA)
-        cur = self.norm(ffn_inp, w["ffn_norm"], il)
+        cur = self.norm(ffn_inp, w["ffn_norm"], home)
         cur = self.moe(il, cur, w, T) if w["ffn_gate_inp"] is not None else self.ffn(cur, w, "")
         if w["ffn_post_norm"] is not None:
-            cur = self.norm(cur, w["ffn_post_norm"], -1)
+            cur = self.norm(cur, w["ffn_post_norm"], None)  # gemma3 names this one without its layer
         return _dup("ADD", cur, ffn_inp)
 
-    def layer_weights(self, il: int) -> dict[str, _T | None]:
+    def layer_weights(self, il: int, home: int, key: int) -> dict[str, _T | None]:
         s = self.s
         n_q = s.head_k * s.n_head[il]
         n_k = s.head_k * s.n_head_kv[il]
@@ -374,12 +400,13 @@ class _Decoder:
                  "ffn_up_shexp", "ffn_down_shexp")
         out: dict[str, _T | None] = {}
         for name in names:
-            out[name] = self.weight(f"blk.{il}.{name}.weight", il, defaults.get(name))
+            out[name] = self.weight(f"blk.{il}.{name}.weight", home, key, defaults.get(name))
         for name in ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            out[f"{name}.b"] = self.weight(f"blk.{il}.{name}.bias", il)
+            out[f"{name}.b"] = self.weight(f"blk.{il}.{name}.bias", home, key)
+        out["rope_freqs"] = self.weight("rope_freqs.weight", home, key)
         return out
 
-    def qkv(self, il: int, cur: _T, w: dict[str, _T | None]) -> tuple[_T, _T, _T]:
+    def qkv(self, il: int, home: int, cur: _T, w: dict[str, _T | None]) -> tuple[_T, _T, _T]:
         """build_qkv plus the per-architecture Q/K norms and RoPE."""
         s, T = self.s, self.r.n_tokens
         hq, hk, D, Dv = s.n_head[il], s.n_head_kv[il], s.head_k, s.head_v
@@ -395,13 +422,13 @@ class _Decoder:
             k = _reshape(self.mm(w["attn_k"], cur, w["attn_k.b"]), D, hk, T)
             v = _reshape(self.mm(w["attn_v"], cur, w["attn_v.b"]), Dv, hk, T)
         pos = self.input("inp_pos", _I32, (T,))
-        freqs = self.weight("rope_freqs.weight", il)
+        freqs = w["rope_freqs"]
         rope_src = (pos, freqs) if freqs is not None else (pos,)
         if w["attn_q_norm"] is not None:
-            q = self.norm(q, w["attn_q_norm"], il)
+            q = self.norm(q, w["attn_q_norm"], home)
         q = _dup("ROPE", q, *rope_src)
         if w["attn_k_norm"] is not None:
-            k = self.norm(k, w["attn_k_norm"], il)
+            k = self.norm(k, w["attn_k_norm"], home)
         k = _dup("ROPE", k, *rope_src)
         if s.arch in _EMBD_SCALED:
             q = _dup("SCALE", q)  # gemma scales Q by f_attention_scale before attention
@@ -412,7 +439,7 @@ class _Decoder:
         flat = _reshape(x, n, x.ne[0] * x.ne[1] * x.ne[2] * x.ne[3] // n)
         return _reshape(_mul_mat(rot, flat), *x.ne)
 
-    def attention(self, il: int, q: _T, k: _T, v: _T, w: dict[str, _T | None]) -> _T:
+    def attention(self, il: int, home: int, q: _T, k: _T, v: _T, w: dict[str, _T | None]) -> _T:
         """build_attn (with a KV cache) and build_attn_mha."""
         s, r, g = self.s, self.r, self.g
         T, ns = r.n_tokens, r.n_stream
@@ -442,8 +469,8 @@ class _Decoder:
             g.expand(t)
         k_idxs = self.input("attn_inp_k_idxs" + sfx, _I64, (T,))
         v_idxs = self.input("attn_inp_v_idxs" + sfx, _I64, (T * n_embd_v_max if v_trans else T,))
-        k_cache = self.kv("k", il, n_embd_k, n_kv, r.type_k)
-        v_cache = self.kv("v", il, n_embd_v if r.flash_attn else n_embd_v_max, n_kv, r.type_v)
+        k_cache = self.kv("k", home, n_embd_k, n_kv, r.type_k)
+        v_cache = self.kv("v", home, n_embd_v if r.flash_attn else n_embd_v_max, n_kv, r.type_v)
         # cpy_k / cpy_v: views of the current K/V rows stored into the cache with set_rows
         k_dst = _reshape(k_cache, n_embd_k, n_kv * ns) if ns > 1 else k_cache
         g.expand(_set_rows(k_dst, _view(k, (n_embd_k, T), (k.nb[2], k.nb[2] * T)), k_idxs))
@@ -558,22 +585,20 @@ def _op_batch(t: _T) -> int:
     return t.ne[1] * t.ne[2] * t.ne[3]
 
 
-def _schedule(g: _Graph, kinds: tuple[str, ...], pinned: dict[int, int], n_copies: int,
+def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int,
               op_offload_min_batch: int | None) -> tuple[list[_T], list[int], list[_T], list[int]]:
     """Returns the scheduler's graph copy: nodes and leafs with the backend (buffer) each is allocated in."""
     cpu = len(kinds) - 1
-    bid: dict[int, int] = dict(pinned)
 
     def get(t: _T | None) -> int:
-        return -1 if t is None else bid.get(id(t), -1)
+        return -1 if t is None else t.bid
 
     def owner(t: _T) -> int:
         if t.home is not None:
             return t.home
         if t.view_src is not None and t.view_src.home is not None:
             return t.view_src.home
-        x = get(t)
-        return get(t.view_src) if x == -1 and t.view_src is not None else x
+        return t.view_src.bid if t.bid == -1 and t.view_src is not None else t.bid
 
     def from_cur(t: _T) -> int:
         if t.home is not None:
@@ -598,7 +623,7 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], pinned: dict[int, int], n_copie
     # pass 1: pre-allocated tensors, inputs and ops with weights
     for t in g.leafs + g.nodes:
         if get(t) == -1:
-            bid[id(t)] = from_cur(t)
+            t.bid = from_cur(t)
     # pass 2: spread device assignments to neighbours (devices first, the CPU last)
     compute = [t for t in g.nodes if t.op not in _VIEW_OPS]
     for sequence, skip_cpu in ((compute, True), (compute[::-1], True), (compute, False), (compute[::-1], False)):
@@ -608,7 +633,7 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], pinned: dict[int, int], n_copie
             if x != -1:
                 cur = -1 if (skip_cpu and x == cpu) else x
             elif cur != -1:
-                bid[id(t)] = cur
+                t.bid = cur
     # pass 3: unassigned nodes go to the backend holding most of their inputs
     for t in compute:
         if get(t) == -1:
@@ -617,16 +642,16 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], pinned: dict[int, int], n_copie
                 n = sum(1 for s in t.src if (get(s) != -1 or get(s.view_src) != -1) and owner(s) == b)
                 if n > best_n:
                     best, best_n = b, n
-            bid[id(t)] = best
+            t.bid = best
     # pass 4: views follow their source, sources follow their user
     for t in g.nodes:
         if t.view_src is not None and get(t) == -1:
-            bid[id(t)] = get(t.view_src)
+            t.bid = get(t.view_src)
         for s in t.src:
             if get(s) == -1:
-                bid[id(s)] = get(s.view_src) if s.view_src is not None else get(t)
+                s.bid = get(s.view_src) if s.view_src is not None else get(t)
         if get(t) == -1:
-            bid[id(t)] = 0
+            t.bid = 0
     # pass 5: split where the backend changes; copy every input that lives elsewhere
     splits: list[_Split] = []
     copies: dict[tuple[int, int], list[_T]] = {}
@@ -762,63 +787,42 @@ class _Arena:
         blocks.insert(pos, [offset, size])
 
 
-class _Slot:
-    __slots__ = ("allocated", "backend", "n_children", "n_views", "offset")
-
-    def __init__(self) -> None:
-        self.n_children = 0
-        self.n_views = 0
-        self.backend = -1
-        self.offset = 0
-        self.allocated = False
-
-
 def _allocate(nodes: list[_T], node_ids: list[int], leafs: list[_T], leaf_ids: list[int],
               arenas: list[_Arena], alloc_size: Callable[[_T, int], int]) -> None:
     """ggml_gallocr_alloc_graph_impl: plans every tensor's offset; the arenas record the peaks."""
-    slots: dict[int, _Slot] = {}
-
-    def slot(t: _T) -> _Slot:
-        s = slots.get(id(t))
-        if s is None:
-            s = slots[id(t)] = _Slot()
-        return s
 
     def allocate(t: _T, backend: int) -> None:
-        s = slot(t)
-        if s.allocated or t.home is not None or t.view_src is not None:
+        if t.allocated or t.home is not None or t.view_src is not None:
             return
-        s.allocated = True
+        t.allocated = True
         if t.op in _INPLACE_OPS:
             for parent in t.src:
-                ps = slot(parent)
-                if not ps.allocated or parent.flags & OUTPUT:
+                if not parent.allocated or parent.flags & OUTPUT:
                     continue
                 if parent.type != t.type or parent.ne != t.ne or parent.nb != t.nb:
                     continue
-                if ps.n_children == 1 and ps.n_views == 0:
-                    s.backend, s.offset = ps.backend, ps.offset
-                    ps.allocated = False  # the child now owns the memory
+                if parent.n_children == 1 and parent.n_views == 0:
+                    t.buf, t.offset, t.size = parent.buf, parent.offset, parent.size
+                    parent.allocated = False  # the child now owns the memory
                     return
-        s.backend = backend
-        s.offset = arenas[backend].alloc(alloc_size(t, backend))
+        t.buf = backend
+        t.size = alloc_size(t, backend)
+        t.offset = arenas[backend].alloc(t.size)
 
     def free(t: _T) -> None:
-        if t.flags & OUTPUT:
-            return
-        s = slot(t)
-        arenas[s.backend].free(s.offset, alloc_size(t, s.backend))
-        s.allocated = False
+        if not t.flags & OUTPUT:
+            arenas[t.buf].free(t.offset, t.size)
+            t.allocated = False
 
     for leaf, backend in zip(leafs, leaf_ids, strict=True):
         allocate(leaf, backend)
     for t, backend in zip(nodes, node_ids, strict=True):
         if t.view_src is not None and t.op != "NONE":
-            slot(t.view_src).n_views += 1
+            t.view_src.n_views += 1
         if t.flags & INPUT:
             allocate(t, backend)
         for src in t.src:
-            slot(src).n_children += 1
+            src.n_children += 1
             if src.flags & INPUT:
                 allocate(src, backend)
     for t, backend in zip(nodes, node_ids, strict=True):
@@ -826,15 +830,14 @@ def _allocate(nodes: list[_T], node_ids: list[int], leafs: list[_T], leaf_ids: l
             allocate(parent, backend)
         allocate(t, backend)
         for parent in t.src:
-            ps = slot(parent)
-            ps.n_children -= 1
-            if ps.n_children == 0 and ps.n_views == 0:
+            parent.n_children -= 1
+            if parent.n_children == 0 and parent.n_views == 0:
                 if parent.view_src is not None:
-                    vs = slot(parent.view_src)
+                    vs = parent.view_src
                     vs.n_views -= 1
                     if vs.n_views == 0 and vs.n_children == 0 and vs.allocated:
-                        free(parent.view_src)
-                elif ps.allocated:
+                        free(vs)
+                elif parent.allocated:
                     free(parent)
 
 
@@ -880,18 +883,14 @@ def _resolve(settings: RuntimeSettings, n_swa: int, tg: bool) -> _Run:
 
 
 @lru_cache(maxsize=4096)
-def _simulate(shape: _Shape, run: _Run, kinds: tuple[str, ...], places: tuple[int, ...], n_copies: int,
-              full_offload: bool, op_offload: bool, cuda: CudaCalibration) -> tuple[int, ...]:
+def _simulate(shape: _Shape, run: _Run, kinds: tuple[str, ...], plan: tuple[_Layer, ...], out_home: int,
+              n_copies: int, full_offload: bool, op_offload: bool, cuda: CudaCalibration) -> tuple[int, ...]:
     """Compute-buffer bytes of every backend (devices, then the host) for one reserve graph."""
     cpu = len(kinds) - 1
-
-    def place(il: int | None) -> int:
-        return cpu if il is None else places[il]
-
-    decoder = _Decoder(shape, run, place, cpu, pin_norms=full_offload or run.n_tokens < 32)
+    decoder = _Decoder(shape, run, plan, out_home, cpu, pin_norms=full_offload or run.n_tokens < 32)
     graph = decoder.build()
     nodes, node_ids, leafs, leaf_ids = _schedule(
-        graph, kinds, decoder.pinned, n_copies, cuda.op_offload_min_batch if op_offload else None)
+        graph, kinds, n_copies, cuda.op_offload_min_batch if op_offload else None)
     gpu = [k in ("cuda", "rocm") for k in kinds]
     arenas = [_Arena(cuda.alignment_bytes if g else _CPU_ALIGNMENT) for g in gpu]
 
@@ -900,6 +899,67 @@ def _simulate(shape: _Shape, run: _Run, kinds: tuple[str, ...], places: tuple[in
 
     _allocate(nodes, node_ids, leafs, leaf_ids, arenas, alloc_size)
     return tuple(a.max_size + (cuda.extra_bytes if g and a.max_size else 0) for a, g in zip(arenas, gpu, strict=True))
+
+
+# Graph compression: a run of equal blocks on one backend reaches its peak within its first blocks, so long
+# runs are shortened before the replay (whole periods of the layer pattern are dropped from the middle).
+# KEEP_PERIODS periods stay at each end of a run; tests/test_compute_model.py checks that the shortened
+# replay equals the full one.
+_KEEP_PERIODS = 4
+_MAX_PERIOD = 12
+
+
+@lru_cache(maxsize=64)
+def _representatives(shape: _Shape, with_types: bool) -> tuple[int, ...]:
+    """For every layer, the first layer with the same structure (and weight types when they matter)."""
+    per_layer: list[list[tuple[str, str | None, tuple[int, ...]]]] = [[] for _ in range(shape.n_layer)]
+    for name, type_, ne in shape.weights:
+        if name.startswith("blk."):
+            _, il, rest = name.split(".", 2)
+            if int(il) < shape.n_layer:
+                per_layer[int(il)].append((rest, type_ if with_types else None, ne))
+    first: dict[tuple[object, ...], int] = {}
+    reps = []
+    for il in range(shape.n_layer):
+        key = (shape.n_head[il], shape.n_head_kv[il], shape.n_ff[il], shape.swa[il], tuple(sorted(per_layer[il])))
+        reps.append(first.setdefault(key, il))
+    return tuple(reps)
+
+
+def _compress(kinds: list[int]) -> list[int]:
+    """Indices to keep from one run of blocks on the same backend."""
+    n = len(kinds)
+    best = (0, 0, 1)  # (length, start, period) of the longest periodic stretch
+    for period in range(1, min(_MAX_PERIOD, n // 2) + 1):
+        start = 0
+        for j in range(n - period + 1):
+            if j == n - period or kinds[j] != kinds[j + period]:
+                length = j + period - start
+                if length > best[0]:
+                    best = (length, start, period)
+                start = j + 1
+    length, start, period = best
+    drop = (length - 2 * _KEEP_PERIODS * period) // period * period
+    if drop <= 0:
+        return list(range(n))
+    cut = start + _KEEP_PERIODS * period
+    return [*range(cut), *range(cut + drop, n)]
+
+
+def _plan(shape: _Shape, homes: list[int], cpu_types: bool, compress: bool) -> tuple[_Layer, ...]:
+    """The blocks to rebuild; ``cpu_types``: CPU-resident blocks differ by weight type (op_offload copies)."""
+    typed, plain = _representatives(shape, True), _representatives(shape, False)
+    cpu = max(homes)
+    reps = [typed[il] if cpu_types and homes[il] == cpu else plain[il] for il in range(shape.n_layer)]
+    keep: list[int] = []
+    start = 0
+    for il in range(1, shape.n_layer + 1):
+        if il == shape.n_layer or homes[il] != homes[start]:
+            run = list(range(start, il))
+            kept = _compress([reps[j] for j in run]) if compress else range(len(run))
+            keep += [run[j] for j in kept]
+            start = il
+    return tuple(_Layer(reps[il], homes[il], il == shape.n_layer - 1) for il in keep)
 
 
 _SHAPES: dict[int, tuple[ModelInfo, _Shape]] = {}
@@ -922,21 +982,29 @@ def estimate_compute(model: ModelInfo, settings: RuntimeSettings, layout: Layout
     Each buffer is the larger of the prompt-sized reserve graph (n_ubatch tokens) and the one-token-per-
     sequence graph, as llama.cpp reserves both and keeps the larger buffer.
     """
+    return _estimate(model, settings, layout, cuda, compress=True)
+
+
+def _estimate(model: ModelInfo, settings: RuntimeSettings, layout: Layout, cuda: CudaCalibration,
+              compress: bool) -> ComputeBuffers:
     shape = _shape_of(model)
     kinds = (*layout.device_backends, "cpu")
     cpu = len(kinds) - 1
-    places = []
+    homes = []
     for il in range(model.n_layer + 1):
         device = layout.device_of_layer(il)
         if layout.split_mode == "row" and device is not None:
             device = layout.main_gpu  # row split: the main GPU runs everything but the split matmuls
-        places.append(cpu if device is None else device)
+        homes.append(cpu if device is None else device)
+    # weight types matter only where a GPU copies CPU weights in (op_offload)
+    cpu_types = settings.op_offload and any(k in ("cuda", "rocm") for k in layout.device_backends)
+    plan = _plan(shape, homes, cpu_types, compress)
     pipeline = len(layout.device_backends) > 1 and layout.all_offloaded and layout.split_mode == "layer"
     n_copies = _GGML_SCHED_MAX_COPIES if pipeline else 1
     sizes = [0] * len(kinds)
     for tg in (False, True):
         run = _resolve(settings, model.n_swa, tg)
-        sim = _simulate(shape, run, kinds, tuple(places), n_copies, layout.all_offloaded,
+        sim = _simulate(shape, run, kinds, plan, homes[model.n_layer], n_copies, layout.all_offloaded,
                         settings.op_offload, cuda)
         sizes = [max(a, b) for a, b in zip(sizes, sim, strict=True)]
     # output_reserve(n_seq_max): one row of logits per sequence, float32
