@@ -22,6 +22,8 @@ from tests.kit.rpcbed import rpc_servers  # noqa: E402
 from tuner.llamacpp.load import load_and_report  # noqa: E402
 
 OUT = REPO / "tests" / "data" / "compute_measurements.json"
+# Real CUDA numbers (one H100) that the CUDA side of the model is checked against; copied into OUT.
+H100_RUNS = Path("/work/shared/data/h100-llama-cpp-buffers.json")
 
 
 def case(model: str, n_rpc: int = 0, n_gpu_layers: int = 99, tensor_split: list[float] | None = None,
@@ -31,7 +33,17 @@ def case(model: str, n_rpc: int = 0, n_gpu_layers: int = 99, tensor_split: list[
     settings.setdefault("flash_attn", "off")
     if n_rpc and tensor_split is None:
         tensor_split = [1.0] * n_rpc
-    return {"model": model, "n_rpc": n_rpc, "n_gpu_layers": n_gpu_layers if n_rpc else 0,
+    parts = [model, f"rpc{n_rpc}-ngl{n_gpu_layers}" if n_rpc else "cpu"]
+    if n_rpc and len(set(tensor_split or [])) > 1:
+        parts.append("ts" + ":".join(f"{v:g}" for v in tensor_split or []))
+    short = {"n_ctx": "ctx", "n_seq_max": "seq", "n_batch": "b", "n_ubatch": "ub", "flash_attn": "fa-",
+             "type_k": "k-", "type_v": "v-"}
+    parts += [f"{label}{settings[key]}" for key, label in short.items() if key in settings]
+    parts += ["unified"] if settings.get("kv_unified") else []
+    parts += ["swa-small"] if settings.get("swa_full") is False else []
+    if dry_run:
+        parts.append("dry")
+    return {"id": "-".join(parts), "model": model, "n_rpc": n_rpc, "n_gpu_layers": n_gpu_layers if n_rpc else 0,
             "tensor_split": tensor_split, "dry_run": dry_run, "settings": settings}
 
 
@@ -125,10 +137,14 @@ def main() -> None:
             print(entry["model"], entry["n_rpc"], entry["settings"], measured["device_compute_bytes"],
                   measured["host_compute_bytes"], flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    cuda = json.loads(OUT.read_text()).get("cuda") if OUT.exists() else None
+    if H100_RUNS.exists():
+        cuda = json.loads(H100_RUNS.read_text())
     note = ("Compute buffers llama.cpp (llama-cpp-python 0.3.36, CPU and CPU-backed RPC devices) allocated; "
             "written by bench/measure_compute.py. Bytes are exact (llama_get_memory_breakdown) except "
-            "output_bytes, which is parsed from the log (0.01 MiB rounding).")
-    OUT.write_text(json.dumps({"note": note, "cases": results}, indent=1) + "\n")
+            "output_bytes, which is parsed from the log (0.01 MiB rounding). 'cuda' holds seven loads of an "
+            "8B Q4_0 shape on one H100 (MiB as llama.cpp logged them).")
+    OUT.write_text(json.dumps({"note": note, "cases": results, "cuda": cuda}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
