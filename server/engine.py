@@ -595,7 +595,9 @@ class LlamaCppEngine:
         if s.presence_penalty or s.frequency_penalty:
             # OpenAI's penalties count every token generated so far: the window is the whole context.
             add(
-                lc.llama_sampler_init_penalties(self._n_ctx_seq, 1.0, s.frequency_penalty, s.presence_penalty),
+                lc.llama_sampler_init_penalties(
+                    self._n_vocab, self._n_ctx_seq, 1.0, s.frequency_penalty, s.presence_penalty
+                ),
                 "penalties",
             )
         if request.constraint is not None:

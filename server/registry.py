@@ -203,7 +203,11 @@ class ServedModel:
         with capture_llama_log(echo=True) as capture:
             try:
                 engine = LlamaCppEngine.load(
-                    self.path, self.params, name=self.alias, chat_template=self.source.entry.chat_template
+                    self.path,
+                    self.params,
+                    name=self.alias,
+                    chat_template=self.source.entry.chat_template,
+                    devices=llama_devices(self._settings.rpc),
                 )
             except EngineError as exc:
                 tail = "\n".join(capture.tail())
@@ -277,10 +281,6 @@ class ModelRegistry:
         if devices is None:
             from tuner.inventory import discover_devices
 
-            if settings.rpc:
-                from tuner.llamacpp.rpc import register_rpc_endpoints
-
-                register_rpc_endpoints(settings.rpc)
             devices = discover_devices(rpc=settings.rpc)
         remaining = list(devices)
         served = []
@@ -351,6 +351,23 @@ class ModelRegistry:
             self._thread.join()
         for model in self.models.values():
             model.close()
+
+
+def llama_devices(rpc: Sequence[str]) -> list[int] | None:
+    """The devices to load onto, in llama.cpp's default order: RPC endpoints' devices, then the GPUs.
+
+    None (llama.cpp's default list) without RPC. The RPC devices are passed explicitly rather than
+    registered globally, so that nothing else in the process starts placing layers on them.
+    """
+    if not rpc:
+        return None
+    from tuner.llamacpp import libs
+    from tuner.llamacpp.rpc import rpc_device_pointers
+
+    ggml, base = libs.ggml(), libs.ggml_base()
+    gpu_types = (libs.GGML_BACKEND_DEVICE_TYPE_GPU, libs.GGML_BACKEND_DEVICE_TYPE_IGPU)
+    local = [ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count())]
+    return rpc_device_pointers(rpc) + [dev for dev in local if base.ggml_backend_dev_type(dev) in gpu_types]
 
 
 def devices_after(devices: Sequence[Device], plan: Plan) -> list[Device]:

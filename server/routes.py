@@ -87,6 +87,14 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         raise InvalidRequestError(f"the request body is not acceptable JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, not a JSON {_json_kind(value)}")
+    try:
+        # A \uD800-style escape decodes to a lone surrogate: not Unicode, and nothing downstream can encode it.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"the request holds a lone UTF-16 surrogate ({exc.object[exc.start : exc.end]!a}), which is not valid "
+            "Unicode; send each character whole"
+        ) from exc
     return value
 
 
