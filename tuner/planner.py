@@ -146,9 +146,8 @@ class LayerPlanner:
         objective (predicted token time, or the smallest headroom fraction for `balanced`)."""
         overflow = -sum(min(h, 0) for h in candidate.headroom)
         on_devices = -sum(candidate.counts)
-        triples = zip(candidate.headroom, self.budgets, candidate.counts, strict=True)
-        fractions = [h / b if b > 0 else -1.0 for h, b, c in triples if c]
-        least_headroom = -min(fractions, default=1.0)
+        pairs = zip(candidate.headroom, self.budgets, strict=True)
+        least_headroom = -min((h / b if b > 0 else -1.0 for h, b in pairs), default=1.0)
         if self.request.objective == "balanced":
             return (overflow, on_devices, least_headroom, candidate.token_time_s)
         return (overflow, on_devices, round(candidate.token_time_s, 7), least_headroom)
