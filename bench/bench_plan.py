@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gguf import GGUFReader  # noqa: E402
+from gguf import GGUFReader
 
-from tests.kit import synth  # noqa: E402
-from tests.kit.models import gemma3_path  # noqa: E402
-from tuner import PlanRequest, plan_model  # noqa: E402
-from tuner.inventory import discover_devices  # noqa: E402
+from tests.kit import synth
+from tests.kit.models import gemma3_path
+from tuner import PlanRequest, plan_model
+from tuner.inventory import discover_devices
 
 TARGET_S = 0.2
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.kit import synth  # noqa: E402
-from tuner import PlanRequest, plan_model  # noqa: E402
-from tuner.inventory import discover_devices  # noqa: E402
-from tuner.plan import Plan  # noqa: E402
+from tests.kit import synth
+from tuner import PlanRequest, plan_model
+from tuner.inventory import discover_devices
+from tuner.plan import Plan
 
 GiB = 1024**3
 
@@ -44,7 +44,8 @@ def main() -> int:
                 )
                 ours = plan_model(path, PlanRequest(n_ctx=n_ctx), devices, strict=False)
                 q8 = plan_model(path, PlanRequest(n_ctx=n_ctx, type_k="q8_0", type_v="q8_0"), devices, strict=False)
-                most = plan_model(path, PlanRequest(max_ctx=True, n_gpu_layers=ours.n_gpu_layers), devices, strict=False)
+                same_layers = PlanRequest(max_ctx=True, n_gpu_layers=ours.n_gpu_layers)
+                most = plan_model(path, same_layers, devices, strict=False)
                 rows = [
                     ("llama.cpp default", default),
                     ("tune-split (speed)", ours),
