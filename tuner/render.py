@@ -95,7 +95,9 @@ def render_plan(plan: Plan) -> RenderableType:
     lines.append(Text(f"{'FITS' if plan.fits else 'DOES NOT FIT'} — {plan.verdict}{speed}", style=verdict_style))
     lines.append(Text("llama-server flags: " + " ".join(shlex.quote(f) for f in plan_flags(plan)), style="dim"))
     for alternative in plan.alternatives:
-        rate = f"~{alternative.predicted_tokens_per_s:.0f} tok/s" if alternative.predicted_tokens_per_s else "-"
+        rate = "-"
+        if alternative.fits and alternative.predicted_tokens_per_s:
+            rate = f"~{alternative.predicted_tokens_per_s:.0f} tok/s"
         fits = "fits" if alternative.fits else "does not fit"
         lines.append(Text(f"  split {alternative.split_mode:<5} {fits:<12} {rate:<12} {alternative.note}", "dim"))
     lines.extend(Text(f"warning: {w}", style="yellow") for w in plan.warnings)
