@@ -206,3 +206,29 @@ def test_live_load_allocates_the_predicted_compute_buffers(case: dict, model_by_
     host = sum(b.compute_bytes for b in report.buffers.values() if b.host)
     assert list(predicted.device_bytes) == measured
     assert predicted.host_bytes == host
+
+
+def test_models_without_tensors_or_with_attention_free_blocks_still_get_an_estimate() -> None:
+    n_layer = 6
+    model = ModelInfo(
+        paths=("none.gguf",), architecture="jamba", name="hybrid", file_type=None, n_layer=n_layer, n_embd=512,
+        n_vocab=32000, n_ctx_train=4096, n_head=(8,) * n_layer, n_head_kv=(0, 0, 2, 0, 0, 2),
+        n_ff=(1024,) * n_layer, n_embd_head_k=64, n_embd_head_v=64, n_swa=0, swa_layers=(False,) * n_layer,
+        n_expert=0, n_expert_used=0, n_ff_exp=0, tensors=(),
+    )
+    layout = Layout(n_layer, "layer", n_layer + 1, 0, ("cpu", "cpu"), ((0, 2), (3, 6)))
+    buffers = estimate_compute(model, RuntimeSettings(n_ctx=2048), layout)
+    logits_bytes = 512 * model.n_vocab * 4
+    assert buffers.device_bytes[0] > 0
+    assert buffers.device_bytes[1] >= logits_bytes  # the output device holds one ubatch of logits
+
+
+@pytest.mark.parametrize("key", ["smollm2", "gemma3-270m", "tiny-moe-q5_k_m"])
+def test_the_output_device_always_holds_a_ubatch_of_logits(key: str, model_by_key) -> None:  # type: ignore[no-untyped-def]
+    model = model_by_key(key)
+    for layout, settings in _random_layouts(model, seed=3, n=8):
+        buffers = estimate_compute(model, settings, layout)
+        out = layout.output_device
+        held = buffers.host_bytes if out is None else buffers.device_bytes[out]
+        n_tokens = min(settings.n_ubatch, settings.n_batch, settings.n_ctx)
+        assert held >= n_tokens * model.n_vocab * 4, (layout, settings)

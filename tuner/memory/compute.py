@@ -6,6 +6,23 @@ runs the graph allocator (``ggml-alloc.c``) over it without computing anything. 
 in miniature for llama-style decoders: it rebuilds that graph from the model's shapes (the same ops, in the
 same order), assigns backends with the scheduler's rules and replays the allocator's best-fit planning, so
 peaks, in-place reuse, copies between devices and fragmentation come out as llama.cpp's do.
+
+What the replay finds, in words (T = n_ubatch tokens, n_kv = cells per sequence stream, f32 = 4 bytes):
+- attention without flash attention peaks on KQ = n_kv x T x n_head f32 (softmax runs in place) next to
+  the mask copy (n_kv x T f32) and a few n_embd x T activations; with flash attention the peak is its
+  output (n_embd_head_v x n_head x T f32) and an F16 mask, and on CUDA with a quantised cache the F16
+  copies of the layer's K and V views live inside the flash-attention output allocation;
+- the feed-forward phase holds gate, up and the GLU result (3 x n_ff x T f32; MoE: n_ff_exp x n_expert_used);
+- the output device holds the logits, n_vocab x T f32, beside result_norm;
+- the host buffer holds the graph inputs (token ids, positions, KV row indices - n_embd_v_gqa x T int64
+  without flash attention - and the masks), the unused inp_embd branch (n_embd x T f32, never freed), the
+  token-embedding rows, and the activations of CPU-resident blocks;
+- pipeline parallelism (several devices, everything offloaded) keeps 4 live copies of every stage input
+  (masks, positions, indices, the incoming residual) on each device and of every graph input on the host;
+- op_offload makes the first CUDA/ROCm device run large-batch matmuls of CPU-resident weights: those
+  weights, and the KV views of CPU blocks, are copied into its compute buffer.
+Fragmentation decides the rest (up to a few n_embd x T blocks), which is why this module replays rather
+than sums.
 """
 
 from __future__ import annotations
@@ -58,7 +75,10 @@ for _name, _enum in _CACHE_TYPES.items():
 
 def _type_of(ggml_type: int) -> str:
     """A GGUF tensor type as a key of _TYPE_SIZES (quantised types keyed by their enum name)."""
-    enum = GGMLQuantizationType(ggml_type)
+    try:
+        enum = GGMLQuantizationType(ggml_type)
+    except ValueError:  # a type newer than gguf-py: its size only matters for op_offload copies
+        return _F16
     key = {GGMLQuantizationType.F32: _F32, GGMLQuantizationType.F16: _F16, GGMLQuantizationType.BF16: "bf16"}
     name = key.get(enum, enum.name)
     _TYPE_SIZES.setdefault(name, GGML_QUANT_SIZES[enum])
@@ -340,7 +360,8 @@ class _Decoder:
         out = self.out_home
         cur = self.norm(inpL, self.weight("output_norm.weight", out, "out", (_F32, (s.n_embd,))), None)
         cur.flags |= OUTPUT
-        out_w = self.weight("output.weight", out, "out") or self.weight("token_embd.weight", out, "out")
+        out_w = self.weight("output.weight", out, "out") or self.weight(
+            "token_embd.weight", out, "out", (_F16, (s.n_embd, s.n_vocab)))  # tied: a copy on the output device
         assert out_w is not None
         logits = _mul_mat(out_w, cur)
         if s.arch in _LOGIT_SOFTCAP:
@@ -354,8 +375,10 @@ class _Decoder:
         T = r.n_tokens
         w = self.layer_weights(il, home, key)
         cur = self.norm(inpL, w["attn_norm"], home)
-        q, k, v = self.qkv(il, home, cur, w)
-        cur = self.attention(il, home, q, k, v, w)
+        if self.s.n_head_kv[il] and self.s.head_k:
+            q, k, v = self.qkv(il, home, cur, w)
+            cur = self.attention(il, home, q, k, v, w)
+        # else: a recurrent or attention-free block; its mixer is not modelled (the norm output stands in)
         inpSA = inpL
         if layer.last:
             out_ids = self.input("out_ids", _I32, (r.n_outputs,))
@@ -364,6 +387,8 @@ class _Decoder:
         if w["attn_post_norm"] is not None:
             cur = self.norm(cur, w["attn_post_norm"], home)
         ffn_inp = _dup("ADD", cur, inpSA)
+        if w["ffn_gate_inp"] is None and w["ffn_up"] is None:
+            return ffn_inp  # no feed-forward network in this block
         cur = self.norm(ffn_inp, w["ffn_norm"], home)
         cur = self.moe(il, cur, w, T) if w["ffn_gate_inp"] is not None else self.ffn(cur, w, "")
         if w["ffn_post_norm"] is not None:
@@ -371,39 +396,39 @@ class _Decoder:
         return _dup("ADD", cur, ffn_inp)
 
     def layer_weights(self, il: int, home: int, key: int) -> dict[str, _T | None]:
+        """The block's weights by role; a model read without tensors gets llama-shaped stand-ins."""
         s = self.s
-        n_q = s.head_k * s.n_head[il]
-        n_k = s.head_k * s.n_head_kv[il]
-        n_v = s.head_v * s.n_head_kv[il]
-        defaults: dict[str, tuple[str, tuple[int, ...]] | None] = {
-            "attn_norm": (_F32, (s.n_embd,)),
-            "attn_q": (_F16, (s.n_embd, n_q)),
-            "attn_k": (_F16, (s.n_embd, n_k)),
-            "attn_v": (_F16, (s.n_embd, n_v)),
-            "attn_output": (_F16, (s.head_v * s.n_head[il], s.n_embd)),
-            "ffn_norm": (_F32, (s.n_embd,)),
-            "ffn_gate": (_F16, (s.n_embd, s.n_ff[il])) if s.n_ff[il] and not s.n_expert else None,
-            "ffn_up": (_F16, (s.n_embd, s.n_ff[il])) if s.n_ff[il] and not s.n_expert else None,
-            "ffn_down": (_F16, (s.n_ff[il], s.n_embd)) if s.n_ff[il] and not s.n_expert else None,
-        }
-        moe = s.n_expert > 0
-        if moe:
-            defaults |= {
-                "ffn_gate_inp": (_F32, (s.n_embd, s.n_expert)),
-                "ffn_gate_exps": (_F16, (s.n_embd, s.n_ff_exp, s.n_expert)),
-                "ffn_up_exps": (_F16, (s.n_embd, s.n_ff_exp, s.n_expert)),
-                "ffn_down_exps": (_F16, (s.n_ff_exp, s.n_embd, s.n_expert)),
-            }
         names = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "attn_q_norm",
                  "attn_k_norm", "attn_post_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_post_norm",
                  "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp",
                  "ffn_up_shexp", "ffn_down_shexp")
-        out: dict[str, _T | None] = {}
-        for name in names:
-            out[name] = self.weight(f"blk.{il}.{name}.weight", home, key, defaults.get(name))
+        out = {name: self.weight(f"blk.{il}.{name}.weight", home, key) for name in names}
         for name in ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             out[f"{name}.b"] = self.weight(f"blk.{il}.{name}.bias", home, key)
         out["rope_freqs"] = self.weight("rope_freqs.weight", home, key)
+
+        def stand_in(name: str, type_: str, *ne: int) -> None:
+            out[name] = self.weight(f"blk.{il}.{name}.weight", home, key, (type_, ne))
+
+        # Attention layouts other than Q/K/V (MLA, ...) and tensor-less models: plain projections stand in.
+        if out["attn_q"] is None and out["attn_qkv"] is None:
+            stand_in("attn_q", _F16, s.n_embd, s.head_k * s.n_head[il])
+            stand_in("attn_k", _F16, s.n_embd, s.head_k * s.n_head_kv[il])
+            stand_in("attn_v", _F16, s.n_embd, s.head_v * s.n_head_kv[il])
+        if out["attn_output"] is None:
+            stand_in("attn_output", _F16, s.head_v * s.n_head[il], s.n_embd)
+        if not self._weights:
+            stand_in("attn_norm", _F32, s.n_embd)
+            stand_in("ffn_norm", _F32, s.n_embd)
+            if s.n_expert:
+                stand_in("ffn_gate_inp", _F32, s.n_embd, s.n_expert)
+                for name in ("ffn_gate_exps", "ffn_up_exps"):
+                    stand_in(name, _F16, s.n_embd, s.n_ff_exp, s.n_expert)
+                stand_in("ffn_down_exps", _F16, s.n_ff_exp, s.n_embd, s.n_expert)
+            elif s.n_ff[il]:
+                stand_in("ffn_gate", _F16, s.n_embd, s.n_ff[il])
+                stand_in("ffn_up", _F16, s.n_embd, s.n_ff[il])
+                stand_in("ffn_down", _F16, s.n_ff[il], s.n_embd)
         return out
 
     def qkv(self, il: int, home: int, cur: _T, w: dict[str, _T | None]) -> tuple[_T, _T, _T]:
