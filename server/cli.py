@@ -144,7 +144,8 @@ def serve(args: argparse.Namespace) -> int:
             settings.port,
         )
     registry = ModelRegistry.plan(settings)
-    console = Console(stderr=True)
+    # Off a terminal rich would wrap the table at 80 columns.
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     for model in registry.models.values():
         log.info("%s (%s): plan", model.alias, model.path)
         console.print(render_plan(model.plan))
@@ -164,7 +165,10 @@ def serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     server = uvicorn.Server(config)
     log.info("serving %s on http://%s:%d/v1", ", ".join(registry.models), settings.host, settings.port)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean stop
     if failures:
         print(f"llamasplit: a model failed to load: {failures[0]}", file=sys.stderr)
         return 1

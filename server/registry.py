@@ -106,9 +106,10 @@ def default_model_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def plan_request(options: ModelOptions, settings: Settings) -> PlanRequest:
+def plan_request(options: ModelOptions, settings: Settings, host_free_bytes: int | None = None) -> PlanRequest:
     """The user's settings as a tuner request; what they leave unset (None) the tuner chooses."""
     values: dict[str, object] = {
+        "host_free_bytes": host_free_bytes,
         "n_ctx": options.ctx,
         "n_seq_max": options.parallel or 1,
         "n_batch": options.batch_size,
@@ -283,11 +284,14 @@ class ModelRegistry:
 
             devices = discover_devices(rpc=settings.rpc)
         remaining = list(devices)
+        host_free = host_available_bytes()
         served = []
         for source in sources:
             options = settings.model_options(source.entry)
-            plan = plan_model(source.path, plan_request(options, settings), remaining)
+            plan = plan_model(source.path, plan_request(options, settings, host_free), remaining)
             remaining = devices_after(remaining, plan)
+            if host_free is not None:
+                host_free = max(0, host_free - plan.host.total_bytes)
             sampling = source.entry.sampling or settings.sampling
             model = ServedModel(
                 source, options, sampling, plan, load_params(plan, options, settings), devices, settings
@@ -368,6 +372,18 @@ def llama_devices(rpc: Sequence[str]) -> list[int] | None:
     gpu_types = (libs.GGML_BACKEND_DEVICE_TYPE_GPU, libs.GGML_BACKEND_DEVICE_TYPE_IGPU)
     local = [ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count())]
     return rpc_device_pointers(rpc) + [dev for dev in local if base.ggml_backend_dev_type(dev) in gpu_types]
+
+
+def host_available_bytes() -> int | None:
+    """RAM the models may use: Linux's MemAvailable (free plus reclaimable cache); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def devices_after(devices: Sequence[Device], plan: Plan) -> list[Device]:
