@@ -8,6 +8,7 @@ printed). No traceback unless --debug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -165,10 +166,9 @@ def serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     server = uvicorn.Server(config)
     log.info("serving %s on http://%s:%d/v1", ", ".join(registry.models), settings.host, settings.port)
-    try:
+    # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean stop.
+    with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean stop
     if failures:
         print(f"llamasplit: a model failed to load: {failures[0]}", file=sys.stderr)
         return 1
