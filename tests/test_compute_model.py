@@ -110,12 +110,14 @@ def test_h100_shape_has_the_logged_weight_bytes(h100_model: ModelInfo) -> None:
     assert h100_model.file_bytes / MiB == pytest.approx(108.0 + 3853.02, abs=0.01)
 
 
-def test_gpu_zero_runs_large_matmuls_of_cpu_weights_when_nothing_is_offloaded(h100_model: ModelInfo) -> None:
+def test_local_gpu_zero_runs_large_matmuls_of_cpu_weights_when_nothing_is_offloaded(h100_model: ModelInfo) -> None:
     settings = RuntimeSettings(n_ctx=4096)
     cpu_only = _layout(h100_model, "cuda", 1, 0, None)
     assert estimate_compute(h100_model, settings, cpu_only).device_bytes[0] > 250 * MiB
     no_offload = RuntimeSettings(n_ctx=4096, op_offload=False)
     assert estimate_compute(h100_model, no_offload, cpu_only).device_bytes == (0,)
+    # a GPU behind an RPC server has no offload_op: it gets nothing either
+    assert estimate_compute(h100_model, settings, cpu_only, remote=(True,)).device_bytes == (0,)
 
 
 def test_cuda_calibration_pads_gpu_buffers_only(h100_model: ModelInfo) -> None:

@@ -27,7 +27,7 @@ than sums.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -610,8 +610,8 @@ def _op_batch(t: _T) -> int:
     return t.ne[1] * t.ne[2] * t.ne[3]
 
 
-def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int,
-              op_offload_min_batch: int | None) -> tuple[list[_T], list[int], list[_T], list[int]]:
+def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int, offloaders: tuple[bool, ...],
+              op_offload_min_batch: int) -> tuple[list[_T], list[int], list[_T], list[int]]:
     """Returns the scheduler's graph copy: nodes and leafs with the backend (buffer) each is allocated in."""
     cpu = len(kinds) - 1
 
@@ -638,10 +638,8 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int,
             if src.weight:
                 assert src.home is not None
                 # op_offload: a GPU that wants a large batch of this CPU-weight op takes it
-                if src.host and op_offload_min_batch is not None and _op_batch(t) >= op_offload_min_batch:
-                    for b in range(cpu):
-                        if kinds[b] in ("cuda", "rocm"):
-                            return b
+                if src.host and any(offloaders) and _op_batch(t) >= op_offload_min_batch:
+                    return offloaders.index(True)
                 return src.home
         return -1
 
@@ -909,13 +907,13 @@ def _resolve(settings: RuntimeSettings, n_swa: int, tg: bool) -> _Run:
 
 @lru_cache(maxsize=4096)
 def _simulate(shape: _Shape, run: _Run, kinds: tuple[str, ...], plan: tuple[_Layer, ...], out_home: int,
-              n_copies: int, full_offload: bool, op_offload: bool, cuda: CudaCalibration) -> tuple[int, ...]:
+              n_copies: int, full_offload: bool, offloaders: tuple[bool, ...],
+              cuda: CudaCalibration) -> tuple[int, ...]:
     """Compute-buffer bytes of every backend (devices, then the host) for one reserve graph."""
     cpu = len(kinds) - 1
     decoder = _Decoder(shape, run, plan, out_home, cpu, pin_norms=full_offload or run.n_tokens < 32)
     graph = decoder.build()
-    nodes, node_ids, leafs, leaf_ids = _schedule(
-        graph, kinds, n_copies, cuda.op_offload_min_batch if op_offload else None)
+    nodes, node_ids, leafs, leaf_ids = _schedule(graph, kinds, n_copies, offloaders, cuda.op_offload_min_batch)
     gpu = [k in ("cuda", "rocm") for k in kinds]
     arenas = [_Arena(cuda.alignment_bytes if g else _CPU_ALIGNMENT) for g in gpu]
 
@@ -1010,17 +1008,19 @@ def pipeline_parallel(layout: Layout) -> bool:
 
 
 def estimate_compute(model: ModelInfo, settings: RuntimeSettings, layout: Layout,
-                     cuda: CudaCalibration = DEFAULT_CUDA) -> ComputeBuffers:
+                     cuda: CudaCalibration = DEFAULT_CUDA, *,
+                     remote: Sequence[bool] | None = None) -> ComputeBuffers:
     """llama.cpp's compute buffer per device and on the host, and its output (logits) buffer.
 
     Each buffer is the larger of the prompt-sized reserve graph (n_ubatch tokens) and the one-token-per-
-    sequence graph, as llama.cpp reserves both and keeps the larger buffer.
+    sequence graph, as llama.cpp reserves both and keeps the larger buffer. ``remote[d]`` marks RPC
+    devices: they size tensors like their backend but never take op_offload work (no offload_op).
     """
-    return _estimate(model, settings, layout, cuda, compress=True)
+    return _estimate(model, settings, layout, cuda, compress=True, remote=remote)
 
 
 def _estimate(model: ModelInfo, settings: RuntimeSettings, layout: Layout, cuda: CudaCalibration,
-              compress: bool) -> ComputeBuffers:
+              compress: bool, remote: Sequence[bool] | None = None) -> ComputeBuffers:
     shape = _shape_of(model)
     kinds = (*layout.device_backends, "cpu")
     cpu = len(kinds) - 1
@@ -1030,15 +1030,18 @@ def _estimate(model: ModelInfo, settings: RuntimeSettings, layout: Layout, cuda:
         if layout.split_mode == "row" and device is not None:
             device = layout.main_gpu  # row split: the main GPU runs everything but the split matmuls
         homes.append(cpu if device is None else device)
-    # weight types matter only where a GPU copies CPU weights in (op_offload)
-    cpu_types = settings.op_offload and any(k in ("cuda", "rocm") for k in layout.device_backends)
-    plan = _plan(shape, homes, cpu_types, compress)
+    # op_offload: the first local CUDA/ROCm device runs large matmuls of CPU weights (it copies them in,
+    # so their types matter then)
+    remote = tuple(remote) if remote is not None else (False,) * len(layout.device_backends)
+    offloaders = tuple(settings.op_offload and k in ("cuda", "rocm") and not r
+                       for k, r in zip(layout.device_backends, remote, strict=True))
+    plan = _plan(shape, homes, any(offloaders), compress)
     n_copies = _GGML_SCHED_MAX_COPIES if pipeline_parallel(layout) else 1
     sizes = [0] * len(kinds)
     for tg in (False, True):
         run = _resolve(settings, model.n_swa, tg)
         sim = _simulate(shape, run, kinds, plan, homes[model.n_layer], n_copies, layout.all_offloaded,
-                        settings.op_offload, cuda)
+                        offloaders, cuda)
         sizes = [max(a, b) for a, b in zip(sizes, sim, strict=True)]
     # output_reserve(n_seq_max): one row of logits per sequence, float32
     output_bytes = model.n_vocab * settings.n_seq_max * 4
