@@ -86,6 +86,9 @@ CASES = [
     case("tiny-moe-q5_k_m", n_ctx=1024),
     case("tiny-moe-q5_k_m", n_rpc=2, n_ctx=2048, flash_attn="on"),
     case("tiny-llama-q4_0", n_rpc=3, n_gpu_layers=3, n_ctx=1024),
+    # 3 sequences round the 512-token ubatch up to 513 rows while 512 outputs reach the last block
+    case("tiny-moe-q5_k_m", n_rpc=3, n_gpu_layers=4, tensor_split=[3.0, 2.0, 2.0], n_ctx=700, n_seq_max=3,
+         n_batch=1024, flash_attn="auto", kv_unified=True),
     # a Llama-3.1-8B shape (sparse file): llama.cpp's dry run, nothing is allocated
     case("llama-8b-q4_0", n_ctx=4096, dry_run=True),
     case("llama-8b-q4_0", n_ctx=16384, flash_attn="on", type_k="q8_0", type_v="q8_0", dry_run=True),

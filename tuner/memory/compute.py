@@ -372,7 +372,6 @@ class _Decoder:
 
     def block(self, key: int, layer: _Layer, inpL: _T) -> _T:
         r, il, home = self.r, layer.il, layer.home
-        T = r.n_tokens
         w = self.layer_weights(il, home, key)
         cur = self.norm(inpL, w["attn_norm"], home)
         if self.s.n_head_kv[il] and self.s.head_k:
@@ -390,7 +389,7 @@ class _Decoder:
         if w["ffn_gate_inp"] is None and w["ffn_up"] is None:
             return ffn_inp  # no feed-forward network in this block
         cur = self.norm(ffn_inp, w["ffn_norm"], home)
-        cur = self.moe(il, cur, w, T) if w["ffn_gate_inp"] is not None else self.ffn(cur, w, "")
+        cur = self.moe(cur, w) if w["ffn_gate_inp"] is not None else self.ffn(cur, w, "")
         if w["ffn_post_norm"] is not None:
             cur = self.norm(cur, w["ffn_post_norm"], None)  # gemma3 names this one without its layer
         return _dup("ADD", cur, ffn_inp)
@@ -551,10 +550,10 @@ class _Decoder:
             act = _dup("UNARY", up)
         return self.mm(down_w, act, w.get("ffn_down.b") if not sfx else None)
 
-    def moe(self, il: int, cur: _T, w: dict[str, _T | None], T: int) -> _T:
+    def moe(self, cur: _T, w: dict[str, _T | None]) -> _T:
         """build_moe_ffn: softmax gating, top-k routing, three mul_mat_id, weighted sum of the experts."""
         s, g = self.s, self.g
-        k = s.n_expert_used
+        k, T = s.n_expert_used, cur.ne[1]  # the last block only carries the output rows
         assert w["ffn_gate_inp"] is not None and w["ffn_up_exps"] is not None and w["ffn_down_exps"] is not None
         logits = _mul_mat(w["ffn_gate_inp"], cur)
         probs = _dup("SOFT_MAX", logits)
