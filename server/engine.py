@@ -129,6 +129,12 @@ class Engine(Protocol):
 
     def decode_tokens(self, tokens: Sequence[int]) -> str: ...
 
+    def stop_strings(self) -> tuple[str, ...]:
+        """Stop strings every chat request gets (the fallback template's end marker)."""
+
+    def chat_template_source(self) -> str:
+        """Where the chat template came from: "config", "gguf" or "fallback"."""
+
     def check(self, request: GenerationRequest) -> None:
         """Raise InvalidRequestError for what only the model can judge (token ids, schema grammar)."""
 
@@ -358,6 +364,9 @@ class LlamaCppEngine:
 
     def stop_strings(self) -> tuple[str, ...]:
         return self.template.stop_strings
+
+    def chat_template_source(self) -> str:
+        return self.template.source
 
     def _tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
         lc = self._lc

@@ -341,10 +341,15 @@ def now_s() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV cache was reused from an earlier request
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):
@@ -448,6 +453,7 @@ class ModelCard(BaseModel):
     n_ctx: int
     n_ctx_per_seq: int
     parallel: int
+    chat_template: Literal["config", "gguf", "fallback"] | None  # where the chat template came from
 
 
 class ModelList(BaseModel):

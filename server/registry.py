@@ -227,7 +227,7 @@ class ServedModel:
             self.plan, report, nvml_before=nvml_before, nvml_after=nvml_used_bytes(), devices=self.devices
         )
         self.plan = fill_plan_actuals(self.plan, self.memory)
-        if engine.template.source == "fallback":
+        if engine.chat_template_source() == "fallback":
             log.warning(
                 "%s has no chat template in its GGUF; chat requests use ChatML. Set chat_template for this "
                 "model in the config file if it expects another format",

@@ -222,6 +222,7 @@ def _card(model: ServedModel) -> ModelCard:
         n_ctx=model.params.n_ctx,
         n_ctx_per_seq=model.n_ctx_per_seq,
         parallel=model.params.n_seq_max,
+        chat_template=model.engine.chat_template_source() if model.engine is not None else None,  # type: ignore[arg-type]
     )
 
 

@@ -41,6 +41,7 @@ from server.protocol import (
     DeveloperMessage,
     JSONObjectFormat,
     JSONSchemaFormat,
+    PromptTokensDetails,
     TokenLogprobEntry,
     ToolMessage,
     TopLogprob,
@@ -94,7 +95,7 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s:
     limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     max_tokens = request.completion_limit()
     check_context(len(prompt), max_tokens, model.n_ctx_per_seq, prompt_param="messages", limit_param=limit_param)
-    stop = request.stop_list() + tuple(s for s in engine_stops(model) if s not in request.stop_list())
+    stop = request.stop_list() + tuple(s for s in engine.stop_strings() if s not in request.stop_list())
     generation = GenerationRequest(
         prompt_tokens=tuple(prompt),
         max_tokens=max_tokens,
@@ -171,11 +172,6 @@ def check_context(n_prompt: int, max_tokens: int | None, n_ctx: int, *, prompt_p
         )
 
 
-def engine_stops(model: ServedModel) -> tuple[str, ...]:
-    stops = getattr(model.engine, "stop_strings", None)
-    return tuple(stops()) if callable(stops) else ()
-
-
 def sampling_params(request: ChatCompletionRequest | CompletionRequest, model: ServedModel) -> SamplingParams:
     defaults = model.sampling
 
@@ -242,6 +238,7 @@ def usage(finish: FinishEvent) -> Usage:
         prompt_tokens=finish.prompt_tokens,
         completion_tokens=finish.completion_tokens,
         total_tokens=finish.prompt_tokens + finish.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finish.cached_tokens),
     )
 
 

@@ -34,6 +34,11 @@ CITY_SCHEMA: dict[str, Any] = {
 }
 
 
+def counts(usage: Any) -> tuple[int, int, int]:
+    """The token counts of a usage object (cached_tokens depends on what ran before, so it is left out)."""
+    return (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
 @pytest.fixture(scope="module")
 def vocab(smollm2: Path) -> Any:
     """llama-cpp-python's own tokenizer for the same file: an independent count of prompt tokens."""
@@ -49,6 +54,7 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     assert card.id == ALIAS
     assert card.model_extra is not None and card.model_extra["status"] == "ready"
     assert card.model_extra["n_ctx"] == CTX
+    assert card.model_extra["chat_template"] == "gguf"  # SmolLM2 ships its template
 
 
 def test_chat_completion_reports_text_finish_reason_and_usage(client: openai.OpenAI) -> None:
@@ -93,7 +99,7 @@ def test_streaming_chat_matches_the_non_streaming_answer(client: openai.OpenAI) 
     assert text == whole.choices[0].message.content
     assert finish == [whole.choices[0].finish_reason]
     # include_usage: a last chunk with no choices carries the same usage as the whole answer.
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-1].choices == [] and counts(chunks[-1].usage) == counts(whole.usage)
     assert all(c.usage is None for c in chunks[:-1])
 
 
@@ -274,6 +280,17 @@ def test_completion_counts_prompt_tokens_like_the_tokenizer(client: openai.OpenA
     assert "".join(logprobs.tokens) == reply.choices[0].text
 
 
+def test_repeated_prompt_reuses_the_kv_cache(client: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Spell the word 'cache' backwards."}]
+    first = client.chat.completions.create(model=ALIAS, messages=messages, max_tokens=3, temperature=0)
+    again = client.chat.completions.create(model=ALIAS, messages=messages, max_tokens=3, temperature=0)
+    assert first.usage is not None and again.usage is not None
+    assert again.usage.prompt_tokens_details is not None
+    # Every prompt token but the last (re-decoded for its logits) comes from the cache.
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_completion_from_token_ids_and_echo(client: openai.OpenAI, vocab: Any) -> None:
     prompt = "Once upon a time"
     ids = vocab.tokenize(prompt.encode(), add_bos=False)
@@ -298,7 +315,7 @@ def test_streaming_completion_with_usage(client: openai.OpenAI) -> None:
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
-    assert chunks[-1].usage == whole.usage
+    assert counts(chunks[-1].usage) == counts(whole.usage)
 
 
 def test_max_completion_tokens_limits_the_answer(client: openai.OpenAI) -> None:
