@@ -28,7 +28,7 @@ than sums.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -593,9 +593,9 @@ class _Decoder:
 @dataclass
 class _Split:
     backend: int
-    start: int
+    start: int  # first node in the graph
     end: int = 0
-    inputs: list[_T] | None = None
+    inputs: list[_T] = field(default_factory=list)  # tensors copied in from other backends, in first-use order
 
 
 def _op_batch(t: _T) -> int:
@@ -679,7 +679,7 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int, offloaders: tupl
     copies: dict[tuple[int, int], list[_T]] = {}
     srcs = {id(t): list(t.src) for t in g.nodes}
     first = next((i for i, t in enumerate(g.nodes) if t.op not in _VIEW_OPS), 0)
-    split = _Split(get(g.nodes[first]), 0, inputs=[])
+    split = _Split(get(g.nodes[first]), 0)
     splits.append(split)
     for i in range(first, len(g.nodes)):
         t = g.nodes[i]
@@ -690,7 +690,7 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int, offloaders: tupl
             s.weight and get(s) != split.backend and owner(s) != split.backend for s in t.src)
         if x != split.backend or need_new:
             split.end = i
-            split = _Split(x, i, inputs=[])
+            split = _Split(x, i)
             splits.append(split)
         node_srcs = srcs[id(t)]
         for j, s in enumerate(node_srcs):
@@ -704,7 +704,6 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int, offloaders: tupl
                             c.flags |= INPUT | OUTPUT  # each pipeline stage keeps its own live copy
                         made.append(c)
                     copies[key] = made
-                    assert split.inputs is not None
                     split.inputs.append(s)
                 node_srcs[j] = copies[key][0]
     split.end = len(g.nodes)
@@ -727,7 +726,6 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int, offloaders: tupl
     nodes: list[_T] = []
     node_ids: list[int] = []
     for split in splits:
-        assert split.inputs is not None
         for s in split.inputs:
             nodes.append(_T("NONE", s.type, s.ne, (s,), nb=s.nb, view_src=s))
             node_ids.append(get(s))
@@ -743,7 +741,6 @@ def _schedule(g: _Graph, kinds: tuple[str, ...], n_copies: int, offloaders: tupl
             leafs += copies[(id(leaf), get(leaf))]
             leaf_ids += [get(leaf)] * n_copies
         for split in splits:
-            assert split.inputs is not None
             for s in split.inputs:
                 leafs += copies[(id(s), split.backend)]
                 leaf_ids += [split.backend] * n_copies
