@@ -113,7 +113,7 @@ class Settings(ModelOptions, BaseSettings):
     models: tuple[ModelSettings, ...] = ()
     sampling: SamplingDefaults = SamplingDefaults()
     max_queue: int = Field(default=32, ge=0, description="requests waiting per model before 429")
-    queue_full_status: Literal[429, 503] = 429
+    queue_full_status: int = Field(default=429, description="429 or 503 when a model's queue is full")
     retry_after_s: int = Field(default=1, ge=0)
     max_body_bytes: int = Field(default=8 * MiB, ge=1024)
     reserve_mib: int | None = Field(default=None, ge=0, description="VRAM kept free per GPU (tuner default)")
@@ -122,6 +122,13 @@ class Settings(ModelOptions, BaseSettings):
     )
     repack: bool = Field(default=True, description="repack CPU weights for AMX/AVX (llama-server --no-repack)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("queue_full_status")
+    @classmethod
+    def _queue_status(cls, value: int) -> int:
+        if value not in (429, 503):
+            raise ValueError("must be 429 (Too Many Requests) or 503 (Service Unavailable)")
+        return value
 
     @field_validator("rpc", mode="before")
     @classmethod

@@ -182,3 +182,17 @@ def test_settings_are_frozen() -> None:
 )  # fmt: skip
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_environment_sets_models_nested_sampling_and_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMASPLIT_MODELS", '[{"path": "a.gguf", "alias": "x", "ctx": 100}]')
+    monkeypatch.setenv("LLAMASPLIT_SAMPLING__TEMPERATURE", "0.3")
+    monkeypatch.setenv("LLAMASPLIT_REPACK", "false")
+    monkeypatch.setenv("LLAMASPLIT_QUEUE_FULL_STATUS", "503")
+    settings = load_settings()
+    assert settings.models[0].alias == "x" and settings.models[0].ctx == 100
+    assert settings.sampling.temperature == 0.3 and settings.sampling.top_k == 40
+    assert settings.repack is False and settings.queue_full_status == 503
+    monkeypatch.setenv("LLAMASPLIT_QUEUE_FULL_STATUS", "500")
+    with pytest.raises(ConfigError, match="queue_full_status='500': must be 429"):
+        load_settings()
