@@ -532,7 +532,12 @@ class LlamaCppEngine:
         return bool(cancel is not None and cancel.is_set())
 
     def _prepare_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
-        """The slot sharing the longest prefix with the prompt (else the least recently used), trimmed to it."""
+        """Pick the slot for ``prompt`` and trim its cache to the prefix they share; returns (slot, kept).
+
+        A slot whose cache the prompt continues (the next turn of its chat) or repeats is reused, the one
+        sharing most first. Otherwise the least recently used slot is taken, so that a new conversation
+        evicts the oldest one rather than the one that merely shares the system prompt with it.
+        """
         lc = self._lc
 
         def shared(slot: _Slot) -> int:
@@ -544,8 +549,14 @@ class LlamaCppEngine:
             return n
 
         lengths = [shared(s) for s in self._slots]
-        best = max(range(len(self._slots)), key=lambda i: lengths[i])
-        if lengths[best] == 0:
+        reusable = [
+            i
+            for i, s in enumerate(self._slots)
+            if lengths[i] and (lengths[i] == len(s.tokens) or lengths[i] >= len(prompt) - 1)
+        ]
+        if reusable:
+            best = max(reusable, key=lambda i: lengths[i])
+        else:
             best = min(range(len(self._slots)), key=lambda i: self._slots[i].last_used_s)
         slot = self._slots[best]
         # At least one prompt token must be decoded again: sampling needs its logits.
