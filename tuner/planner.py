@@ -31,7 +31,7 @@ from tuner.devices import Device
 from tuner.errors import PlanRequestError
 from tuner.layout import N_CTX_PAD, Layout, RuntimeSettings
 from tuner.memory.kv import cache_type_row_bytes
-from tuner.memory.predict import MemoryModel, MemoryPrediction
+from tuner.memory.predict import DeviceMemory, MemoryModel, MemoryPrediction
 from tuner.model import ModelInfo
 from tuner.plan import DevicePlan, HostUsage, Plan, PlanRequest, SplitEvaluation
 from tuner.speed import DEFAULT_SPEED_MODEL, SpeedModel, layer_split_token_time_s, row_split_token_time_s
@@ -102,7 +102,9 @@ class LayerPlanner:
         settings: RuntimeSettings,
         request: PlanRequest,
         speed: SpeedModel = DEFAULT_SPEED_MODEL,
+        exact: bool = False,
     ) -> None:
+        self.exact = exact
         self.model = model
         self.devices = tuple(devices)
         self.settings = settings
@@ -121,7 +123,7 @@ class LayerPlanner:
         if cached is not None:
             return cached
         layout = self.memory.layout(key)
-        prediction = self.memory.predict(layout)
+        prediction = self.memory.predict(layout, exact=self.exact)
         spent = [dm.total_bytes - dm.overhead_bytes for dm in prediction.devices]
         headroom = tuple(budget - used for budget, used in zip(self.budgets, spent, strict=True))
         host_fits = (
@@ -234,6 +236,12 @@ class LayerPlanner:
                 break
         return best
 
+    def exact_twin(self) -> LayerPlanner:
+        """The same planner with every compute buffer replayed exactly (no signature sharing)."""
+        if self.exact:
+            return self
+        return LayerPlanner(self.model, self.devices, self.settings, self.request, self.speed, exact=True)
+
     def from_tensor_split(self, tensor_split: Sequence[float], n_gpu_layers: int) -> Candidate:
         if len(tensor_split) != len(self.devices):
             raise PlanRequestError(
@@ -253,35 +261,38 @@ def evaluate_single_device(planner: LayerPlanner, device: int) -> Candidate:
     return planner.evaluate(counts)
 
 
-def evaluate_row_split(planner: LayerPlanner, main_gpu: int) -> tuple[bool, float, str]:
-    """Split mode "row": each block's matrices split by rows in proportion to free memory; norms, KV cache,
-    output layer and compute buffers on the main GPU (llama.cpp's split buffer type, CUDA/HIP only)."""
+def evaluate_row_split(planner: LayerPlanner, main_gpu: int) -> tuple[Candidate | None, str]:
+    """Split mode "row": each block's matrices split by rows in proportion to the devices' budgets; norms, KV
+    cache, output layer and compute buffers on the main GPU (llama.cpp's split buffer type, CUDA/HIP only)."""
     devices = planner.devices
     if any(d.backend not in ("cuda", "rocm") or d.kind == "rpc" for d in devices):
-        return False, 0.0, "row split needs CUDA or ROCm devices (RPC and CPU devices cannot split rows)"
-    everything_on_main = evaluate_single_device(planner, main_gpu)
-    main_memory = everything_on_main.memory.devices[main_gpu]
-    model = planner.model
-    matrix_bytes = sum(
-        t.n_bytes for block in planner.memory.groups.blocks for t in block if len(t.shape) >= 2
-    )
+        return None, "row split needs CUDA or ROCm devices (RPC and CPU devices cannot split rows)"
+    single = evaluate_single_device(planner, main_gpu)
+    main = single.memory.devices[main_gpu]
+    matrix_bytes = sum(t.n_bytes for block in planner.memory.groups.blocks for t in block if len(t.shape) >= 2)
     shares = [max(b, 0) for b in planner.budgets]
     total_share = sum(shares) or 1
-    slices = [matrix_bytes * s // total_share for s in shares]
-    fits = True
-    for index, budget in enumerate(planner.budgets):
-        used = slices[index]
+    memory = []
+    for index, device_memory in enumerate(single.memory.devices):
+        weights = matrix_bytes * shares[index] // total_share
         if index == main_gpu:
-            used += main_memory.weights_bytes - matrix_bytes + main_memory.kv_bytes + main_memory.compute_bytes
-        fits = fits and used <= budget
-    read_bytes, _ = planner.memory.read_bytes_per_token(everything_on_main.layout)
-    active_matrix = sum(read_bytes) - main_memory.kv_bytes // 2
-    per_device = [active_matrix * s // total_share for s in shares]
-    per_device[main_gpu] += main_memory.kv_bytes // 2
-    token_time = row_split_token_time_s(
-        per_device, [d.bandwidth_bytes_per_s for d in devices], model.n_layer, 0, planner.speed
+            weights += main.weights_bytes - matrix_bytes
+            memory.append(DeviceMemory(weights, main.kv_bytes, main.compute_bytes, device_memory.overhead_bytes))
+        else:
+            memory.append(DeviceMemory(weights, 0, 0, device_memory.overhead_bytes))
+    headroom = tuple(
+        budget - (dm.total_bytes - dm.overhead_bytes) for budget, dm in zip(planner.budgets, memory, strict=True)
     )
-    return fits, token_time, "matrices split by rows; KV cache and compute on the main GPU"
+    read_bytes, _ = planner.memory.read_bytes_per_token(single.layout)
+    kv_read = main.kv_bytes // 2
+    per_device = [(sum(read_bytes) - kv_read) * share // total_share for share in shares]
+    per_device[main_gpu] += kv_read
+    token_time = row_split_token_time_s(
+        per_device, [d.bandwidth_bytes_per_s for d in devices], planner.model.n_layer, 0, planner.speed
+    )
+    prediction = MemoryPrediction(tuple(memory), single.memory.host_weights_bytes, 0, single.memory.host_compute_bytes)
+    candidate = Candidate(single.counts, single.layout, prediction, min(headroom) >= 0, token_time, headroom)
+    return candidate, "matrices split by rows; KV cache and compute on the main GPU"
 
 
 # The whole plan ----------------------------------------------------------------------------------------------
@@ -311,46 +322,59 @@ def plan(
     split_mode = request.split_mode or ("layer" if len(devices) > 1 else "none")
     main_gpu = request.main_gpu if request.main_gpu is not None else _fastest_device(devices)
 
-    if not devices:
-        chosen = planner.evaluate([])
-        split_mode = "none"
-    elif split_mode == "none":
-        chosen = evaluate_single_device(planner, main_gpu)
-        if request.n_gpu_layers is not None:
-            counts = [0] * len(devices)
-            counts[main_gpu] = min(request.n_gpu_layers, n_entries)
-            chosen = planner.evaluate(counts)
-    elif request.tensor_split is not None:
-        chosen = planner.from_tensor_split(request.tensor_split, request.n_gpu_layers or n_entries)
-    else:
-        chosen = planner.search(request.n_gpu_layers)
-    if split_mode == "row":
-        # Row mode keeps llama.cpp's layer bookkeeping on the main GPU; memory is evaluated separately below.
-        pass
-
+    chosen = _choose(planner, request, split_mode, main_gpu)
+    # The search shares compute buffers between layouts of the same signature; the answer is replayed exactly,
+    # and where that disagrees on fitting the choice is made again with exact replays throughout (slower).
+    exact = planner.exact_twin()
+    final = _choose(exact, request, split_mode, main_gpu, counts=chosen.counts)
+    if final.fits != chosen.fits:
+        final = _choose(exact, request, split_mode, main_gpu)
     alternatives = _alternatives(planner, main_gpu) if devices else []
+    planner, chosen = exact, final
+    if not devices:
+        split_mode = "none"
     user_placement = request.tensor_split is not None or request.n_gpu_layers is not None
-    if split_mode == "row":
-        row = next(a for a in alternatives if a.split_mode == "row")
-        fits = row.fits
-        token_time = row.predicted_tokens_per_s and 1 / row.predicted_tokens_per_s
-    else:
-        fits = chosen.fits
-        token_time = chosen.token_time_s
+    fits, token_time = chosen.fits, chosen.token_time_s
     if fits and sum(chosen.counts) < n_entries and devices and split_mode != "row":
         warnings.append(
             f"{n_entries - sum(chosen.counts)} of {n_entries} layers stay on the CPU; decoding will be slow"
         )
     verdict = _verdict(planner, chosen, fits, user_placement)
-    tensor_split = (
-        tensor_split_for_counts(chosen.counts, model.n_layer)
-        if request.tensor_split is None and split_mode == "layer"
-        else tuple(request.tensor_split or [1.0 if i == main_gpu else 0.0 for i in range(len(devices))])
-    )
+    if request.tensor_split is not None:
+        tensor_split = tuple(request.tensor_split)
+    elif split_mode == "layer":
+        tensor_split = tensor_split_for_counts(chosen.counts, model.n_layer)
+    elif split_mode == "row":  # rows in proportion to each device's budget, as evaluate_row_split assumed
+        tensor_split = tuple(round(max(b, 0) / GiB, 2) for b in planner.budgets)
+    else:
+        tensor_split = tuple(1.0 if i == main_gpu else 0.0 for i in range(len(devices)))
     return _build_plan(
         model, planner, chosen, request, split_mode, main_gpu, tensor_split, fits, verdict, token_time,
         alternatives, warnings,
     )
+
+
+def _choose(
+    planner: LayerPlanner, request: PlanRequest, split_mode: str, main_gpu: int, counts: Sequence[int] | None = None
+) -> Candidate:
+    """The placement for the split mode: the user's, or the search's; ``counts`` re-evaluates a known one."""
+    n_entries = planner.model.n_layer + 1
+    if split_mode == "row":
+        row, note = evaluate_row_split(planner, main_gpu)
+        if row is None:
+            raise PlanRequestError(note)
+        return row
+    if counts is not None:
+        return planner.evaluate(counts)
+    if not planner.devices:
+        return planner.evaluate([])
+    if split_mode == "none":
+        counts = [0] * len(planner.devices)
+        counts[main_gpu] = n_entries if request.n_gpu_layers is None else min(request.n_gpu_layers, n_entries)
+        return planner.evaluate(counts)
+    if request.tensor_split is not None:
+        return planner.from_tensor_split(request.tensor_split, request.n_gpu_layers or n_entries)
+    return planner.search(request.n_gpu_layers)
 
 
 def _check_request(model: ModelInfo, devices: Sequence[Device], request: PlanRequest) -> None:
@@ -400,7 +424,8 @@ def _max_context(model: ModelInfo, request: PlanRequest, planner_for, warnings: 
 def _alternatives(planner: LayerPlanner, main_gpu: int) -> list[SplitEvaluation]:
     layer = planner.search(planner.request.n_gpu_layers)
     single = evaluate_single_device(planner, main_gpu)
-    row_fits, row_time, row_note = evaluate_row_split(planner, main_gpu)
+    row, row_note = evaluate_row_split(planner, main_gpu)
+    row_fits, row_time = (row.fits, row.token_time_s) if row is not None else (False, 0.0)
     evaluations = [
         SplitEvaluation(
             split_mode="layer",

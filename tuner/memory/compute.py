@@ -924,7 +924,7 @@ def _simulate(shape: _Shape, run: _Run, kinds: tuple[str, ...], plan: tuple[_Lay
 # runs are shortened before the replay (whole periods of the layer pattern are dropped from the middle).
 # KEEP_PERIODS periods stay at each end of a run; tests/test_compute_model.py checks that the shortened
 # replay equals the full one.
-_KEEP_PERIODS = 4
+_KEEP_PERIODS = 2
 _MAX_PERIOD = 12
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tuner.devices import Device
 from tuner.layout import Layout, RuntimeSettings
-from tuner.memory.compute import estimate_compute
+from tuner.memory.compute import ComputeBuffers, estimate_compute
 from tuner.memory.kv import layer_kv_bytes
 from tuner.memory.overhead import device_overhead_bytes
 from tuner.memory.weights import group_bytes, group_tensors
@@ -59,7 +59,11 @@ class MemoryModel:
         }
         self.kv_bytes = [*layer_kv_bytes(model, settings), 0]  # the output layer has no cache
         self.overhead_bytes = tuple(device_overhead_bytes(d) for d in self.devices)
+        # RPC devices size tensors like their backend but never take op_offload work from the CPU.
+        self.remote = tuple(d.kind == "rpc" for d in self.devices)
         self.active_entry_bytes = self._active_entry_bytes()
+        self.block_kinds = self._block_kinds()
+        self._compute_by_signature: dict[tuple[object, ...], ComputeBuffers] = {}
 
     def layout(self, counts: Sequence[int], split_mode: str = "layer", main_gpu: int = 0) -> Layout:
         """The layout llama.cpp produces when device d gets ``counts[d]`` entries (the last ones first)."""
@@ -79,7 +83,10 @@ class MemoryModel:
             device_layers=tuple(ranges),
         )
 
-    def predict(self, layout: Layout) -> MemoryPrediction:
+    def predict(self, layout: Layout, exact: bool = True) -> MemoryPrediction:
+        """Bytes per device and on the host. ``exact=False`` reuses the compute buffers of an earlier layout
+        with the same signature (see ``compute_signature``): the planner's search evaluates hundreds of
+        layouts, and replaying llama.cpp's allocator for each would take seconds."""
         n_entries = self.model.n_layer + 1
         weights = [0] * len(self.devices)
         kv = [0] * len(self.devices)
@@ -93,7 +100,7 @@ class MemoryModel:
             kv[device_index] = sum(self.kv_bytes[layers[0] : layers[1] + 1])
         on_device = {il for r in layout.device_layers if r is not None for il in range(r[0], r[1] + 1)}
         host_entries = [il for il in range(n_entries) if il not in on_device]
-        compute = estimate_compute(self.model, self.settings, layout)
+        compute = self.compute(layout) if not exact else self._exact_compute(layout)
         devices = tuple(
             DeviceMemory(weights[d], kv[d], compute.device_bytes[d], self.overhead_bytes[d])
             for d in range(len(self.devices))
@@ -101,6 +108,41 @@ class MemoryModel:
         host_weights = self._host_weight_bytes(host_entries)
         host_kv = sum(self.kv_bytes[il] for il in host_entries)
         return MemoryPrediction(devices, host_weights, host_kv, compute.host_bytes + compute.output_bytes)
+
+    def _exact_compute(self, layout: Layout) -> ComputeBuffers:
+        return estimate_compute(self.model, self.settings, layout, remote=self.remote)
+
+    def compute(self, layout: Layout) -> ComputeBuffers:
+        """Compute buffers, shared between layouts with the same signature."""
+        signature = self.compute_signature(layout)
+        cached = self._compute_by_signature.get(signature)
+        if cached is None:
+            cached = self._compute_by_signature[signature] = self._exact_compute(layout)
+        return cached
+
+    def compute_signature(self, layout: Layout) -> tuple[object, ...]:
+        """What a compute buffer depends on: which kinds of blocks each backend runs, where the output layer
+        is, and whether pipeline parallelism is on — not how many blocks of a kind there are, because the
+        allocator's peak over a run of identical blocks is reached within the first few of them."""
+        last_block = self.model.n_layer - 1
+        per_device = tuple(
+            None if r is None else frozenset(self.block_kinds[il] for il in range(r[0], min(r[1], last_block) + 1))
+            for r in layout.device_layers
+        )
+        cpu_kinds = frozenset(self.block_kinds[il] for il in range(min(layout.i_gpu_start, self.model.n_layer)))
+        return (per_device, layout.output_device, layout.all_offloaded, layout.split_mode, cpu_kinds)
+
+    def _block_kinds(self) -> list[int]:
+        """An id per block: equal ids for blocks with the same shapes, weight types and attention kind."""
+        ids: dict[tuple[object, ...], int] = {}
+        kinds = []
+        for il, block in enumerate(self.groups.blocks):
+            key = (
+                self.model.swa_layers[il], self.model.n_head[il], self.model.n_head_kv[il], self.model.n_ff[il],
+                tuple(sorted((t.name.split(".", 2)[2], t.ggml_type, t.shape) for t in block)),
+            )
+            kinds.append(ids.setdefault(key, len(ids)))
+        return kinds
 
     def _host_weight_bytes(self, host_entries: Sequence[int]) -> int:
         """Host weights: the input layer plus every entry kept on the CPU (mmap'd, so the tied copy is free)."""
