@@ -269,8 +269,7 @@ def evaluate_row_split(planner: LayerPlanner, main_gpu: int) -> tuple[Candidate 
         return None, "row split needs CUDA or ROCm devices (RPC and CPU devices cannot split rows)"
     single = evaluate_single_device(planner, main_gpu)
     main = single.memory.devices[main_gpu]
-    matrix_bytes = sum(t.n_bytes for block in planner.memory.groups.blocks for t in block if len(t.shape) >= 2)
-    shares = [max(b, 0) for b in planner.budgets]
+    matrix_bytes, shares = _row_shares(planner, main_gpu, single)
     total_share = sum(shares) or 1
     memory = []
     for index, device_memory in enumerate(single.memory.devices):
@@ -293,6 +292,17 @@ def evaluate_row_split(planner: LayerPlanner, main_gpu: int) -> tuple[Candidate 
     prediction = MemoryPrediction(tuple(memory), single.memory.host_weights_bytes, 0, single.memory.host_compute_bytes)
     candidate = Candidate(single.counts, single.layout, prediction, min(headroom) >= 0, token_time, headroom)
     return candidate, "matrices split by rows; KV cache and compute on the main GPU"
+
+
+def _row_shares(planner: LayerPlanner, main_gpu: int, single: Candidate | None = None) -> tuple[int, list[int]]:
+    """Bytes of the row-split matrices, and each device's share of them: what its budget holds after the main
+    GPU's extras (KV cache, compute, unsplit weights), so that every device keeps similar headroom."""
+    single = single or evaluate_single_device(planner, main_gpu)
+    main = single.memory.devices[main_gpu]
+    matrix_bytes = sum(t.n_bytes for block in planner.memory.groups.blocks for t in block if len(t.shape) >= 2)
+    extras = [0] * len(planner.devices)
+    extras[main_gpu] = main.weights_bytes - matrix_bytes + main.kv_bytes + main.compute_bytes
+    return matrix_bytes, [max(b - e, 0) for b, e in zip(planner.budgets, extras, strict=True)]
 
 
 # The whole plan ----------------------------------------------------------------------------------------------
@@ -339,13 +349,21 @@ def plan(
         warnings.append(
             f"{n_entries - sum(chosen.counts)} of {n_entries} layers stay on the CPU; decoding will be slow"
         )
+    row = next((a for a in alternatives if a.split_mode == "row"), None)
+    rate = 1 / token_time if token_time else 0.0
+    if split_mode == "layer" and row and row.fits and (row.predicted_tokens_per_s or 0) > 1.1 * rate:
+        warnings.append(
+            f"row split is predicted faster here ({row.predicted_tokens_per_s:.0f} vs {rate:.0f} tokens/s): "
+            "every layer is on a GPU and the matrices are large enough to hide the per-layer gathers; "
+            "try --split-mode row"
+        )
     verdict = _verdict(planner, chosen, fits, user_placement)
     if request.tensor_split is not None:
         tensor_split = tuple(request.tensor_split)
     elif split_mode == "layer":
         tensor_split = tensor_split_for_counts(chosen.counts, model.n_layer)
-    elif split_mode == "row":  # rows in proportion to each device's budget, as evaluate_row_split assumed
-        tensor_split = tuple(round(max(b, 0) / GiB, 2) for b in planner.budgets)
+    elif split_mode == "row":  # rows in the proportions evaluate_row_split assumed
+        tensor_split = tuple(round(share / GiB, 2) for share in _row_shares(planner, main_gpu)[1])
     else:
         tensor_split = tuple(1.0 if i == main_gpu else 0.0 for i in range(len(devices)))
     return _build_plan(
