@@ -27,6 +27,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+def _unsupported(what: str, fix: str) -> Any:
+    def check(value: Any) -> Any:
+        if value is not None:
+            raise ValueError(f"{what} is not supported by this server; {fix}")
+        return value
+
+    return check
+
+
 # --- messages -------------------------------------------------------------------------------------------------
 
 
@@ -105,6 +114,15 @@ class AssistantMessage(_Strict):
     name: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    # Output-only fields that clients send back when they append a previous reply to the conversation.
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+
+    _no_audio = field_validator("audio")(_unsupported("assistant audio", "send the transcript as content"))
+    _no_function_call = field_validator("function_call")(
+        _unsupported("function_call (legacy function calling)", "send tool_calls instead")
+    )
 
     @model_validator(mode="after")
     def _has_something(self) -> AssistantMessage:
@@ -171,15 +189,6 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 PositiveInt = Annotated[int, Field(ge=1)]
-
-
-def _unsupported(what: str, fix: str) -> Any:
-    def check(value: Any) -> Any:
-        if value is not None:
-            raise ValueError(f"{what} is not supported by this server; {fix}")
-        return value
-
-    return check
 
 
 class _SamplingRequest(_Strict):

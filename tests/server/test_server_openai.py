@@ -265,6 +265,19 @@ def test_all_roles_render_through_the_models_template(client: openai.OpenAI) -> 
     assert reply.usage is not None and reply.usage.prompt_tokens > 30
 
 
+def test_multi_turn_with_the_clients_own_reply_object(client: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Pick a number between one and ten."}]
+    first = client.chat.completions.create(model=ALIAS, messages=messages, max_tokens=6, temperature=0)
+    messages.append(first.choices[0].message)  # the client serialises its own ChatCompletionMessage
+    messages.append({"role": "user", "content": "Now double it."})
+    second = client.chat.completions.create(model=ALIAS, messages=messages, max_tokens=6, temperature=0)
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+    # The second turn continues the first one's slot: its whole prompt up to the new message was cached.
+    assert second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
 def test_completion_counts_prompt_tokens_like_the_tokenizer(client: openai.OpenAI, vocab: Any) -> None:
     prompt = "The three primary colours are"
     reply = client.completions.create(model=ALIAS, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
