@@ -287,7 +287,7 @@ class LlamaCppEngine:
             mparams.load_mode = lc.LLAMA_LOAD_MODE_NONE
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
-            raise EngineError(f"llama.cpp could not load {path} (its log above says why)")
+            raise EngineError(f"llama.cpp could not load {path}")
         threads = params.n_threads or default_threads()
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = params.n_ctx
@@ -307,7 +307,7 @@ class LlamaCppEngine:
             lc.llama_model_free(model)
             raise EngineError(
                 f"llama.cpp could not create the context for {path} (n_ctx={params.n_ctx}, "
-                f"n_seq_max={params.n_seq_max}); its log above says why"
+                f"n_seq_max={params.n_seq_max})"
             )
         template = ChatTemplate.choose(
             chat_template,

@@ -164,3 +164,15 @@ def test_api_key_file_keys_are_required(tmp_path: Path, smollm2: Path) -> None:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
     assert "alpha-key" not in stderr and "beta-key" not in stderr  # keys never logged
+
+
+@pytest.mark.llama
+def test_model_that_fails_to_load_stops_the_server_with_llama_cpps_reason(tmp_path: Path, smollm2: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    with open(smollm2, "rb") as src:
+        broken.write_bytes(src.read(50_000_000))  # the header is intact, the tensor data is cut short
+    result = run_cli("--model", str(broken), "--port", str(free_port()), "--ctx", "512", timeout_s=120)
+    assert result.returncode == 1, result.stderr
+    assert "a model failed to load: llama.cpp could not load" in result.stderr
+    assert "not within the file bounds" in result.stderr
+    assert "Traceback" not in result.stderr
