@@ -246,6 +246,7 @@ class LlamaCppEngine:
         self._cancel: threading.Event | None = None
         self._abort_cb = lc.ggml_abort_callback(self._should_abort)
         self._grammars: dict[str, str] = {}
+        self._grammars_lock = threading.Lock()  # requests are prepared in a thread pool
         self._closed = False
 
     # -- loading --
@@ -401,8 +402,10 @@ class LlamaCppEngine:
         from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
         key = json.dumps(constraint.schema, sort_keys=True) if constraint.schema is not None else ""
-        if key in self._grammars:
-            return self._grammars[key]
+        with self._grammars_lock:
+            cached = self._grammars.get(key)
+        if cached is not None:
+            return cached
         if constraint.schema is None:
             gbnf = JSON_GBNF
         else:
@@ -420,9 +423,10 @@ class LlamaCppEngine:
                 param="response_format.json_schema.schema",
             )
         self._lc.llama_sampler_free(sampler)
-        if len(self._grammars) >= 64:  # a small cache: schemas repeat per client, not per request
-            self._grammars.pop(next(iter(self._grammars)))
-        self._grammars[key] = gbnf
+        with self._grammars_lock:
+            if len(self._grammars) >= 64:  # a small cache: schemas repeat per client, not per request
+                self._grammars.pop(next(iter(self._grammars)))
+            self._grammars[key] = gbnf
         return gbnf
 
     # -- generation --

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -175,11 +176,12 @@ async def _generate(
     body = await read_json_object(request, state.settings.max_body_bytes)
     parsed = parse_request(model_cls, body)
     model = state.registry.get(parsed.model)
+    # Templating, tokenising and compiling a schema's grammar take a while for long inputs: off the event loop.
     if isinstance(parsed, ChatCompletionRequest):
-        prepared = serving.prepare_chat(parsed, model, received_s)
+        prepared = await run_in_threadpool(serving.prepare_chat, parsed, model, received_s)
         whole, sse = serving.chat_completion, serving.chat_sse
     else:
-        prepared = serving.prepare_completion(parsed, model, received_s)
+        prepared = await run_in_threadpool(serving.prepare_completion, parsed, model, received_s)
         whole, sse = serving.completion, serving.completion_sse
     assert model.queue is not None
     admission = model.queue.reserve()
