@@ -58,6 +58,7 @@ lint: $(STAMP)/project
 
 bench: $(STAMP)/project $(STAMP)/models
 	$(PY) bench/bench_plan.py
+	$(PY) bench/bench_vs_default_split.py
 	$(PY) bench/bench_server.py
 
 clean-venv:

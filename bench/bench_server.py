@@ -8,7 +8,7 @@ each side is compared. Decode speed counts the tokens after the first over the t
 last token; end-to-end speed includes the prompt. Exit status 1 when the server keeps less than
 --min-ratio (0.95) of the direct decode speed.
 
-    python bench/bench_server.py --markdown docs/BENCHMARKS_server.md
+    python bench/bench_server.py --markdown /tmp/server.md   (the section of docs/BENCHMARKS.md)
 """
 
 from __future__ import annotations

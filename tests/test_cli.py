@@ -100,3 +100,18 @@ def test_unknown_gpu_name_suggests_close_names(smollm2: Path) -> None:
 def test_bad_flag_values_are_usage_errors(smollm2: Path) -> None:
     result = tune_split(smollm2, "--parallel", "0")
     assert result.returncode == 2 and "must be at least 1" in result.stderr
+
+
+def test_env_format_is_what_the_server_reads(big: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.config import load_settings
+
+    env = tune_split(big, "--gpus", "RTX 4090,RTX 4080", "--ctx", "8192", "-np", "2", "--format", "env")
+    assert env.returncode == 0, env.stderr
+    variables = dict(line.split("=", 1) for line in env.stdout.splitlines())
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.ctx == 8192 and settings.parallel == 2
+    assert settings.n_gpu_layers == int(variables["LLAMASPLIT_N_GPU_LAYERS"])
+    assert settings.tensor_split == tuple(float(v) for v in variables["LLAMASPLIT_TENSOR_SPLIT"].split(","))
+    assert settings.ubatch_size == 512 and settings.flash_attn == "on" and settings.split_mode == "layer"

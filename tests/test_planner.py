@@ -183,3 +183,15 @@ def test_speed_model_reproduces_h100_decode(
     device_bytes, host_bytes = memory.read_bytes_per_token(layout)
     seconds = layer_split_token_time_s(device_bytes, [h100.bandwidth_bytes_per_s], [model.n_layer + 1], host_bytes, 0)
     assert 1 / seconds == pytest.approx(measured_tok_s, rel=0.05)
+
+
+def test_host_ram_shortage_names_the_host_and_host_remedies(mid: Path) -> None:
+    plan = plan_model(mid, PlanRequest(n_ctx=8192, host_free_bytes=GiB), [], strict=False)
+    assert not plan.fits
+    assert "host RAM needs" in plan.verdict and "saves 0.00" not in plan.verdict
+    assert "q8_0" in plan.verdict
+
+
+def test_gpu_layers_without_devices_is_not_silently_dropped(mid: Path) -> None:
+    plan = plan_model(mid, PlanRequest(n_ctx=2048, n_gpu_layers=10), [])
+    assert any("--n-gpu-layers 10 has no effect" in w for w in plan.warnings)

@@ -341,6 +341,8 @@ def plan(
         final = _choose(exact, request, split_mode, main_gpu)
     alternatives = _alternatives(planner, main_gpu) if devices else []
     planner, chosen = exact, final
+    if not devices and request.n_gpu_layers:
+        warnings.append(f"no GPU or RPC device was found: --n-gpu-layers {request.n_gpu_layers} has no effect")
     if not devices:
         split_mode = "none"
     user_placement = request.tensor_split is not None or request.n_gpu_layers is not None
@@ -475,26 +477,33 @@ def _verdict(planner: LayerPlanner, chosen: Candidate, fits: bool, user_placemen
 
 
 def explain_shortfall(planner: LayerPlanner, chosen: Candidate) -> str:
-    """Which device is short by how much, and what each usual remedy would save on it."""
+    """Which device (or the host) is short by how much, and what each usual remedy would save there."""
     parts = []
-    for index, headroom in enumerate(chosen.headroom):
-        if headroom < 0:
-            device = planner.devices[index]
-            parts.append(f"{device.name} (device {index}) is {-headroom / GiB:.2f} GiB short")
-    if not parts and planner.request.host_free_bytes is not None:
-        need = chosen.memory.host_total_bytes
+    short_devices = [i for i, headroom in enumerate(chosen.headroom) if headroom < 0]
+    for index in short_devices:
+        device = planner.devices[index]
+        parts.append(f"{device.name} (device {index}) is {-chosen.headroom[index] / GiB:.2f} GiB short")
+    host_free = planner.request.host_free_bytes
+    host_short = host_free is not None and chosen.memory.host_total_bytes > host_free
+    if host_short:
         parts.append(
-            f"host RAM needs {need / GiB:.2f} GiB but {planner.request.host_free_bytes / GiB:.2f} GiB are free"
+            f"host RAM needs {chosen.memory.host_total_bytes / GiB:.2f} GiB but {host_free / GiB:.2f} GiB are free"  # type: ignore[operator]
         )
+    # KV bytes where memory is short: the short devices' caches, or the CPU layers' caches in host RAM.
+    kv_short = sum(chosen.memory.devices[i].kv_bytes for i in short_devices)
+    if host_short:
+        kv_short += chosen.memory.host_kv_bytes
     remedies = []
     settings = planner.settings
-    kv_total = sum(dm.kv_bytes for dm in chosen.memory.devices)
-    if settings.n_ctx > N_CTX_PAD:
-        remedies.append(f"a context of {settings.n_ctx // 2} saves {kv_total / 2 / GiB:.2f} GiB of KV cache")
-    if settings.type_k == "f16" and settings.type_v == "f16":
-        remedies.append(f"--cache-type-k q8_0 --cache-type-v q8_0 saves {kv_total * 0.47 / GiB:.2f} GiB")
-    if sum(chosen.counts):
+    if settings.n_ctx > N_CTX_PAD and kv_short:
+        remedies.append(f"a context of {settings.n_ctx // 2} saves {kv_short / 2 / GiB:.2f} GiB of KV cache")
+    if settings.type_k == "f16" and settings.type_v == "f16" and kv_short:
+        # q8_0 stores 32 values in 34 bytes instead of 64: 47% less.
+        remedies.append(f"--cache-type-k q8_0 --cache-type-v q8_0 saves {kv_short * 30 / 64 / GiB:.2f} GiB")
+    if short_devices and sum(chosen.counts):
         remedies.append(f"fewer layers on the GPUs (--n-gpu-layers below {sum(chosen.counts)}) spills to the CPU")
+    if host_short and not short_devices and chosen.layout.i_gpu_start > 0 and planner.devices:
+        remedies.append("more layers on the GPUs (a higher --n-gpu-layers) takes them out of host RAM")
     return "does not fit: " + "; ".join(parts) + (". What would help: " + "; ".join(remedies) if remedies else "")
 
 
