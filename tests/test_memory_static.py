@@ -13,7 +13,7 @@ from tuner.memory.kv import layer_kv_bytes, place_kv
 from tuner.memory.weights import place_weights
 
 MiB = 1024 * 1024
-H100_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "h100-llama-cpp-buffers.json"
+H100_DATA = Path(__file__).parent / "data" / "h100-llama-cpp-buffers.json"  # a copy of shared/data/
 
 
 def two_device_layout(backends: tuple[str, ...] = ("cpu", "cpu")) -> Layout:
