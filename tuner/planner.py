@@ -470,6 +470,8 @@ def _alternatives(planner: LayerPlanner, main_gpu: int) -> list[SplitEvaluation]
 
 
 def _verdict(planner: LayerPlanner, chosen: Candidate, fits: bool, user_placement: bool) -> str:
+    if fits and not planner.devices:
+        return "fits in host RAM: no GPU or RPC device was found, so every layer runs on the CPU"
     if fits:
         what = "the given placement fits" if user_placement else "fits"
         return f"{what}: {sum(chosen.counts)} of {planner.model.n_layer + 1} layers on the devices"

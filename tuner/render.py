@@ -90,7 +90,9 @@ def render_plan(plan: Plan) -> RenderableType:
         format_bytes(host.compute_bytes), "", format_bytes(host.total_bytes), "", "", "",
     )
     lines = [table]
-    speed = f", ~{plan.predicted_tokens_per_s:.0f} tokens/s single stream" if plan.predicted_tokens_per_s else ""
+    # The decode-speed model is calibrated on GPUs; a CPU-only figure would depend on cores it does not model.
+    show_speed = plan.predicted_tokens_per_s and plan.devices
+    speed = f", ~{plan.predicted_tokens_per_s:.0f} tokens/s single stream" if show_speed else ""
     verdict_style = "bold green" if plan.fits else "bold red"
     lines.append(Text(f"{'FITS' if plan.fits else 'DOES NOT FIT'} — {plan.verdict}{speed}", style=verdict_style))
     lines.append(Text("llama-server flags: " + " ".join(shlex.quote(f) for f in plan_flags(plan)), style="dim"))
