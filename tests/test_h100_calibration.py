@@ -33,9 +33,10 @@ def h100_8b(synth_dir: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "index", range(len(RUNS)), ids=[f"run{i + 1}-ngl{r['n_gpu_layers']}-fa{r['flash_attn']}" for i, r in enumerate(RUNS)]
-)
+RUN_IDS = [f"run{i + 1}-ngl{r['n_gpu_layers']}-fa{r['flash_attn']}" for i, r in enumerate(RUNS)]
+
+
+@pytest.mark.parametrize("index", range(len(RUNS)), ids=RUN_IDS)
 def test_plan_reproduces_h100_allocation_and_nvml(index: int, h100_8b: Path) -> None:
     run = RUNS[index]
     request = PlanRequest(
