@@ -109,6 +109,10 @@ def _model_entry(spec: str, alias: str | None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tuner.inventory.nvidia import use_pci_bus_order
+
+    # Before llama.cpp initialises CUDA: number GPUs as the tuner's inventory does (PCI bus order).
+    use_pci_bus_order()
     args = build_parser().parse_args(argv)
     try:
         return serve(args)

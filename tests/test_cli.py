@@ -27,7 +27,7 @@ def test_table_shows_every_device_and_the_verdict(big: Path) -> None:
     result = tune_split(big, "--gpus", "RTX 4090,RTX 4080", "--ctx", "8192")
     assert result.returncode == 0, result.stderr
     assert "RTX 4090" in result.stdout and "RTX 4080" in result.stdout and "host RAM" in result.stdout
-    assert "FITS" in result.stdout and "llama-server flags: -ngl" in result.stdout
+    assert "FITS" in result.stdout and "CUDA_DEVICE_ORDER=PCI_BUS_ID llama-server -ngl" in result.stdout
 
 
 def test_json_schema_is_complete(big: Path) -> None:

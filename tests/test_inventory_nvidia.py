@@ -226,3 +226,11 @@ def test_a_gpu_nvml_cannot_describe_is_an_inventory_error_naming_it(nvml: FakeNv
     with pytest.raises(InventoryError, match=r"NVIDIA GPU 1: GPU is lost; check that `nvidia-smi` lists it"):
         query_nvidia_devices(env={})
     assert nvml.shutdowns == 1
+
+
+def test_fastest_first_device_order_is_refused() -> None:
+    from tuner.errors import InventoryError
+    from tuner.inventory import query_nvidia_devices
+
+    with pytest.raises(InventoryError, match="CUDA_DEVICE_ORDER=FASTEST_FIRST"):
+        query_nvidia_devices(env={"CUDA_DEVICE_ORDER": "FASTEST_FIRST"})

@@ -95,7 +95,9 @@ def render_plan(plan: Plan) -> RenderableType:
     speed = f", ~{plan.predicted_tokens_per_s:.0f} tokens/s single stream" if show_speed else ""
     verdict_style = "bold green" if plan.fits else "bold red"
     lines.append(Text(f"{'FITS' if plan.fits else 'DOES NOT FIT'} — {plan.verdict}{speed}", style=verdict_style))
-    lines.append(Text("llama-server flags: " + " ".join(shlex.quote(f) for f in plan_flags(plan)), style="dim"))
+    prefix = "CUDA_DEVICE_ORDER=PCI_BUS_ID " if any(d.backend == "cuda" for d in plan.devices) else ""
+    command = prefix + "llama-server " + " ".join(shlex.quote(f) for f in plan_flags(plan))
+    lines.append(Text(f"llama-server flags: {command}", style="dim"))
     for alternative in plan.alternatives:
         rate = "-"
         if alternative.fits and alternative.predicted_tokens_per_s:

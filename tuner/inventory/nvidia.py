@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 _ABSENT_ERROR_NAMES = ("NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded")
 _PCI_BUS_ID = re.compile(r"^([0-9a-fA-F]+):([0-9a-fA-F]+):([0-9a-fA-F]+)\.([0-7])$")
 _ORDINAL = re.compile(r"^\+?(\d+)")
+PCI_BUS_ORDER = "PCI_BUS_ID"
+
+
+def use_pci_bus_order() -> None:
+    """Make CUDA number GPUs in PCI bus order, as the inventory does; call before CUDA initialises."""
+    os.environ.setdefault("CUDA_DEVICE_ORDER", PCI_BUS_ORDER)
 
 
 def query_nvidia_devices(env: Mapping[str, str] | None = None) -> list[Device]:
@@ -32,6 +38,14 @@ def query_nvidia_devices(env: Mapping[str, str] | None = None) -> list[Device]:
     `env` defaults to os.environ; CUDA_VISIBLE_DEVICES in it is applied.
     """
     env = os.environ if env is None else env
+    order = env.get("CUDA_DEVICE_ORDER", "")
+    if order not in ("", PCI_BUS_ORDER):
+        # CUDA's default (FASTEST_FIRST) can number mismatched cards differently from the PCI order NVML
+        # reports; a plan's tensor_split would then address the wrong cards.
+        raise InventoryError(
+            f"CUDA_DEVICE_ORDER={order} numbers GPUs differently from NVML; unset it or set "
+            f"CUDA_DEVICE_ORDER={PCI_BUS_ORDER} (llamasplit sets that for the processes it starts)"
+        )
     try:
         import pynvml
     except ImportError as exc:

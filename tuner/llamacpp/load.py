@@ -182,6 +182,7 @@ def _run_child(request: LoadRequest, timeout_s: float) -> BufferReport:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     # On GGML_ABORT ggml attaches gdb for a backtrace: slow, and it buries the abort message.
     env.setdefault("GGML_NO_BACKTRACE", "1")
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the inventory's numbering (tuner/inventory/nvidia.py)
     with tempfile.TemporaryDirectory(prefix="llamasplit-load-") as tmp:
         result_path = Path(tmp) / "result.json"
         started = time.monotonic()
