@@ -115,3 +115,30 @@ def test_env_format_is_what_the_server_reads(big: Path, monkeypatch: pytest.Monk
     assert settings.n_gpu_layers == int(variables["LLAMASPLIT_N_GPU_LAYERS"])
     assert settings.tensor_split == tuple(float(v) for v in variables["LLAMASPLIT_TENSOR_SPLIT"].split(","))
     assert settings.ubatch_size == 512 and settings.flash_attn == "on" and settings.split_mode == "layer"
+
+
+def test_split_gguf_is_planned_as_one_model(tmp_path: Path) -> None:
+    from tests.kit import synth
+
+    parts = synth.write_split_gguf(tmp_path, synth.TINY_LLAMA, "Q4_0", n_splits=3)
+    whole = synth.write_gguf(tmp_path / "whole.gguf", synth.TINY_LLAMA, "Q4_0")
+    split_plan = json.loads(tune_split(parts[1], "--gpus", "24GiB", "--format", "json").stdout)
+    whole_plan = json.loads(tune_split(whole, "--gpus", "24GiB", "--format", "json").stdout)
+    assert split_plan["devices"][0]["weights_bytes"] == whole_plan["devices"][0]["weights_bytes"]
+    assert split_plan["n_gpu_layers"] == whole_plan["n_gpu_layers"] == synth.TINY_LLAMA.n_layer + 1
+
+
+def test_unknown_architecture_is_one_line(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "alien.gguf"
+    writer = gguf.GGUFWriter(str(path), "alien9000")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = tune_split(path, "--gpus", "24GiB")
+    assert result.returncode == 2
+    expected = f"tune-split: {path}: unknown architecture 'alien9000'; llama.cpp 0.3.36 cannot load it"
+    assert result.stderr.strip() == expected
