@@ -142,3 +142,17 @@ def test_unknown_architecture_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     expected = f"tune-split: {path}: unknown architecture 'alien9000'; llama.cpp 0.3.36 cannot load it"
     assert result.stderr.strip() == expected
+
+
+def test_narrow_terminal_table_keeps_every_number_whole(big: Path) -> None:
+    from rich.console import Console
+
+    from tuner import PlanRequest, plan_model, render_plan
+    from tuner.inventory import discover_devices
+
+    plan = plan_model(big, PlanRequest(n_ctx=8192), discover_devices(gpus="RTX 4090,RTX 4080"))
+    console = Console(width=100, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(render_plan(plan, width=100))
+    text = console.export_text()
+    assert "…" not in text and "RTX 4090 [sim]" in text and "sizes in GiB" in text
+    assert f"{plan.devices[0].weights_bytes / 1024**3:.2f}" in text

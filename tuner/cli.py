@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, out: Console) -> int:
         for name, value in plan_env(plan).items():
             print(f"{name}={value}")
     else:
-        out.print(render_plan(plan))
+        out.print(render_plan(plan, width=out.width))
     if not plan.fits:
         if args.format != "table":
             print(f"tune-split: {plan.verdict}", file=sys.stderr)

@@ -55,41 +55,68 @@ def _layers(device: DevicePlan, n_layer: int) -> str:
     return text
 
 
-def render_plan(plan: Plan) -> RenderableType:
-    """The plan as a rich table per device plus the settings, host usage and verdict."""
+# Vendor prefixes that cost a narrow terminal its numbers; the kind column already says what the card is.
+_NAME_PREFIXES = ("NVIDIA GeForce ", "NVIDIA ", "AMD Radeon ", "AMD ")
+_KIND_TAGS = {"simulated": "sim"}
+# Below this many columns the bar is left out so that the numbers stay readable.
+BAR_MIN_WIDTH = 150
+
+
+def short_name(name: str) -> str:
+    for prefix in _NAME_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def render_plan(plan: Plan, width: int | None = None) -> RenderableType:
+    """The plan as a table per device (with a memory bar when ``width`` allows) plus the settings, host
+    usage, verdict, llama-server command and the split modes' verdicts."""
+    with_bar = width is None or width >= BAR_MIN_WIDTH
+    # Narrow terminals: bare GiB figures (the unit moves to the title) so that no number is cut.
+    size = format_bytes if with_bar else (lambda n_bytes: f"{n_bytes / GiB:.2f}")
     title = (
         f"{plan.model_name} ({plan.architecture}, {plan.n_layer} layers) · ctx {plan.n_ctx} x{plan.n_seq_max} · "
         f"KV {plan.type_k}/{plan.type_v} · flash-attn {'on' if plan.flash_attn else 'off'} · split {plan.split_mode}"
+        + ("" if with_bar else " · sizes in GiB")
     )
     table = Table(title=title, title_justify="left", show_lines=False)
-    for column, justify in (
+    columns = [
         ("#", "right"), ("device", "left"), ("layers", "left"), ("weights", "right"), ("KV", "right"),
-        ("compute", "right"), ("overhead", "right"), ("total", "right"), ("free", "right"),
-        ("left", "right"), ("weights·KV·compute·overhead·reserve·free", "left"),
-    ):
+        ("compute", "right"), ("overhead", "right"), ("total", "right"), ("free", "right"), ("left", "right"),
+    ]
+    if with_bar:
+        columns.append(("memory", "left"))
+    for column, justify in columns:
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for device in plan.devices:
         left_style = "red" if device.free_after_bytes < 0 else ""
-        table.add_row(
+        row: list[RenderableType] = [
             str(device.index),
-            f"{device.name} [{device.kind}]",
+            Text(f"{short_name(device.name)} [{_KIND_TAGS.get(device.kind, device.kind)}]"),  # Text: not markup
             _layers(device, plan.n_layer),
-            format_bytes(device.weights_bytes),
-            format_bytes(device.kv_bytes),
-            format_bytes(device.compute_bytes),
-            format_bytes(device.overhead_bytes),
-            format_bytes(device.total_bytes),
-            format_bytes(device.free_bytes),
-            Text(format_bytes(device.free_after_bytes), style=left_style),
-            _bar(device),
-        )
+            size(device.weights_bytes),
+            size(device.kv_bytes),
+            size(device.compute_bytes),
+            size(device.overhead_bytes),
+            size(device.total_bytes),
+            size(device.free_bytes),
+            Text(size(device.free_after_bytes), style=left_style),
+        ]
+        table.add_row(*row, *([_bar(device)] if with_bar else []))
     host = plan.host
     host_layers = f"{host.layers[0]}-{host.layers[1]}" if host.layers else "embd"
     table.add_row(
-        "", "host RAM [cpu]", host_layers, format_bytes(host.weights_bytes), format_bytes(host.kv_bytes),
-        format_bytes(host.compute_bytes), "", format_bytes(host.total_bytes), "", "", "",
+        "", Text("host RAM [cpu]"), host_layers, size(host.weights_bytes), size(host.kv_bytes),
+        size(host.compute_bytes), "", size(host.total_bytes), "", "", *([""] if with_bar else []),
     )
-    lines = [table]
+    lines: list[RenderableType] = [table]
+    if with_bar and plan.devices:
+        legend = Text("memory: ")
+        for label, (_, glyph, style) in zip(("weights", "KV", "compute", "overhead"), BAR_SEGMENTS, strict=True):
+            legend.append(glyph, style=style).append(f" {label}  ")
+        legend.append("░", style="grey50").append(" reserve  ").append("·", style="grey35").append(" free")
+        lines.append(legend)
     # The decode-speed model is calibrated on GPUs; a CPU-only figure would depend on cores it does not model.
     show_speed = plan.predicted_tokens_per_s and plan.devices
     speed = f", ~{plan.predicted_tokens_per_s:.0f} tokens/s single stream" if show_speed else ""
