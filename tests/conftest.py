@@ -58,3 +58,18 @@ def rpc_endpoints() -> Iterator[list[str]]:
 
     with rpc_servers(3) as endpoints:
         yield endpoints
+
+
+@pytest.fixture
+def alien_gguf(tmp_path: Path) -> Path:
+    """A well-formed GGUF of an architecture llama.cpp does not know ("alien9000")."""
+    import gguf
+
+    path = tmp_path / "alien.gguf"
+    writer = gguf.GGUFWriter(str(path), "alien9000")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

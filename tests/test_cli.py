@@ -128,16 +128,8 @@ def test_split_gguf_is_planned_as_one_model(tmp_path: Path) -> None:
     assert split_plan["n_gpu_layers"] == whole_plan["n_gpu_layers"] == synth.TINY_LLAMA.n_layer + 1
 
 
-def test_unknown_architecture_is_one_line(tmp_path: Path) -> None:
-    import gguf
-
-    path = tmp_path / "alien.gguf"
-    writer = gguf.GGUFWriter(str(path), "alien9000")
-    writer.add_block_count(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def test_unknown_architecture_is_one_line(alien_gguf: Path) -> None:
+    path = alien_gguf
     result = tune_split(path, "--gpus", "24GiB")
     assert result.returncode == 2
     expected = f"tune-split: {path}: unknown architecture 'alien9000'; llama.cpp 0.3.36 cannot load it"

@@ -93,18 +93,9 @@ def test_truncated_header(smollm2: Path, tmp_path: Path, keep_bytes: int) -> Non
         read_model(path)
 
 
-def test_unknown_architecture(tmp_path: Path) -> None:
-    import gguf
-
-    path = tmp_path / "alien.gguf"
-    writer = gguf.GGUFWriter(str(path), "alien9000")
-    writer.add_block_count(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def test_unknown_architecture(alien_gguf: Path) -> None:
     with pytest.raises(GGUFError, match="unknown architecture 'alien9000'"):
-        read_model(path)
+        read_model(alien_gguf)
 
 
 def test_directory_is_not_a_model(tmp_path: Path) -> None:
