@@ -197,7 +197,7 @@ def _parse_header(data: mmap.mmap, path: str, file_index: int) -> tuple[dict[str
         offset = cursor.u64()
         raw_tensors.append((name, ggml_type, shape, offset))
 
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))  # type: ignore[call-overload]
+    alignment = _optional_int(metadata.get("general.alignment"), DEFAULT_ALIGNMENT, "general.alignment", path)
     data_start = -(-cursor.pos // alignment) * alignment
     tensors = []
     for name, ggml_type, shape, offset in raw_tensors:
@@ -233,7 +233,7 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     """Read what planning needs from a GGUF (all files of a split model)."""
     paths = split_paths(path)
     metadata, tensors = _read_header(paths[0], 0)
-    split_count = int(metadata.get("split.count", 1))  # type: ignore[call-overload]
+    split_count = _optional_int(metadata.get("split.count"), 1, "split.count", paths[0])
     if split_count > 1 and len(paths) == 1:
         raise GGUFError(
             f"{paths[0]}: part of a {split_count}-file split model but its name does not follow "
@@ -262,14 +262,17 @@ def _model_from_header(paths: Sequence[str], metadata: dict[str, object], tensor
     def key(name: str, default: object = None) -> object:
         return metadata.get(f"{arch}.{name}", default)
 
+    def int_key(name: str, default: int) -> int:
+        return _optional_int(metadata.get(f"{arch}.{name}"), default, f"{arch}.{name}", where)
+
     n_layer = _as_int(key("block_count"), f"{arch}.block_count", where)
     n_embd = _as_int(key("embedding_length"), f"{arch}.embedding_length", where)
     n_head = _per_layer(key("attention.head_count"), n_layer, f"{arch}.attention.head_count", where)
     n_head_kv = _per_layer(key("attention.head_count_kv", list(n_head)), n_layer, "head_count_kv", where)
     n_ff = _per_layer(key("feed_forward_length", 0), n_layer, f"{arch}.feed_forward_length", where)
     head_default = n_embd // max(n_head) if max(n_head) else 0
-    n_embd_head_k = int(key("attention.key_length", head_default))  # type: ignore[call-overload]
-    n_embd_head_v = int(key("attention.value_length", head_default))  # type: ignore[call-overload]
+    n_embd_head_k = int_key("attention.key_length", head_default)
+    n_embd_head_v = int_key("attention.value_length", head_default)
 
     names = {t.name: t for t in tensors}
     token_embd = names.get("token_embd.weight")
@@ -277,9 +280,9 @@ def _model_from_header(paths: Sequence[str], metadata: dict[str, object], tensor
         n_vocab = token_embd.shape[1]
     else:
         tokens = metadata.get("tokenizer.ggml.tokens")
-        n_vocab = len(tokens) if tokens is not None else int(key("vocab_size", 0))  # type: ignore[arg-type, call-overload]
+        n_vocab = len(tokens) if isinstance(tokens, list | _SkippedArray) else int_key("vocab_size", 0)
 
-    n_swa = int(key("attention.sliding_window", 0))  # type: ignore[call-overload]
+    n_swa = int_key("attention.sliding_window", 0)
     swa_layers: tuple[bool, ...] = (False,) * n_layer
     if n_swa > 0:
         pattern = key("attention.sliding_window_pattern")
@@ -293,15 +296,16 @@ def _model_from_header(paths: Sequence[str], metadata: dict[str, object], tensor
 
     scalars = {k: v for k, v in metadata.items() if not isinstance(v, (list, _SkippedArray))}
     template = metadata.get("tokenizer.chat_template")
+    file_type = metadata.get("general.file_type")
     return ModelInfo(
         paths=tuple(paths),
         architecture=arch,
         name=str(metadata.get("general.name") or Path(paths[0]).stem),
-        file_type=metadata.get("general.file_type"),  # type: ignore[arg-type]
+        file_type=None if file_type is None else _as_int(file_type, "general.file_type", where),
         n_layer=n_layer,
         n_embd=n_embd,
         n_vocab=n_vocab,
-        n_ctx_train=int(key("context_length", 0)),  # type: ignore[call-overload]
+        n_ctx_train=int_key("context_length", 0),
         n_head=n_head,
         n_head_kv=n_head_kv,
         n_ff=n_ff,
@@ -309,13 +313,18 @@ def _model_from_header(paths: Sequence[str], metadata: dict[str, object], tensor
         n_embd_head_v=n_embd_head_v,
         n_swa=n_swa,
         swa_layers=swa_layers,
-        n_expert=int(key("expert_count", 0)),  # type: ignore[call-overload]
-        n_expert_used=int(key("expert_used_count", 0)),  # type: ignore[call-overload]
-        n_ff_exp=int(key("expert_feed_forward_length", 0)),  # type: ignore[call-overload]
+        n_expert=int_key("expert_count", 0),
+        n_expert_used=int_key("expert_used_count", 0),
+        n_ff_exp=int_key("expert_feed_forward_length", 0),
         tensors=tuple(tensors),
         chat_template=template if isinstance(template, str) else None,
         metadata=scalars,
     )
+
+
+def _optional_int(value: object, default: int, name: str, where: str) -> int:
+    """An optional integer key: ``default`` when absent, a GGUFError when present with another type."""
+    return default if value is None else _as_int(value, name, where)
 
 
 def _as_int(value: object, name: str, where: str) -> int:

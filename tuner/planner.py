@@ -64,9 +64,8 @@ def resolve_settings(
     # "auto": llama.cpp probes the fused op on each layer's device and enables it when every device runs it;
     # the CPU, RPC (CPU-backed), CUDA and HIP backends all do.
     flash_attn = request.flash_attn != "off"
-    for name, type_name in (("cache-type-k", request.type_k), ("cache-type-v", request.type_v)):
+    for type_name in (request.type_k, request.type_v):
         cache_type_row_bytes(type_name, model.n_embd_head_k)  # raises PlanRequestError for unknown types
-        del name
     if request.type_v not in UNQUANTISED_CACHE_TYPES and not flash_attn:
         raise PlanRequestError(
             f"a quantised V cache ({request.type_v}) needs flash attention, but it is off; "
