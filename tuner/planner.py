@@ -24,7 +24,7 @@ A placement the user gave (tensor_split, n_gpu_layers, split mode, context) is e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tuner.devices import Device
@@ -413,7 +413,9 @@ def _fastest_device(devices: Sequence[Device]) -> int:
     return max(range(len(devices)), key=lambda i: (devices[i].bandwidth_bytes_per_s or 0, devices[i].free_bytes))
 
 
-def _max_context(model: ModelInfo, request: PlanRequest, planner_for, warnings: list[str]) -> int:  # type: ignore[no-untyped-def]
+def _max_context(
+    model: ModelInfo, request: PlanRequest, planner_for: Callable[[int | None], LayerPlanner], warnings: list[str]
+) -> int:
     """Bisection over multiples of 256: fits(ctx) is monotone (more context never needs less memory)."""
     n_entries = model.n_layer + 1
     ceiling = model.n_ctx_train or 131072
@@ -486,10 +488,9 @@ def explain_shortfall(planner: LayerPlanner, chosen: Candidate) -> str:
         parts.append(f"{device.name} (device {index}) is {-chosen.headroom[index] / GiB:.2f} GiB short")
     host_free = planner.request.host_free_bytes
     host_short = host_free is not None and chosen.memory.host_total_bytes > host_free
-    if host_short:
-        parts.append(
-            f"host RAM needs {chosen.memory.host_total_bytes / GiB:.2f} GiB but {host_free / GiB:.2f} GiB are free"  # type: ignore[operator]
-        )
+    if host_short and host_free is not None:
+        need = chosen.memory.host_total_bytes
+        parts.append(f"host RAM needs {need / GiB:.2f} GiB but {host_free / GiB:.2f} GiB are free")
     # KV bytes where memory is short: the short devices' caches, or the CPU layers' caches in host RAM.
     kv_short = sum(chosen.memory.devices[i].kv_bytes for i in short_devices)
     if host_short:
