@@ -1,4 +1,4 @@
-"""Side by side: llama.cpp's default split against tune-split's plan, on simulated mismatched cards.
+"""Side by side: llama.cpp's default split and its --fit against tune-split's plan, on simulated mismatched cards.
 
     .venv/bin/python bench/bench_vs_default_split.py
 
@@ -6,6 +6,15 @@ llama.cpp's default (no --tensor-split) puts every layer on the GPUs in proporti
 memory. That ignores what does not scale with layers — the output layer and its logits buffer on the last
 card, each card's CUDA context — so the smaller card overflows first. Both placements are evaluated with the
 same memory model (the one the acceptance tests hold to llama.cpp's real allocations).
+
+llama-server's `--fit` (common/fit.cpp, on by default) changes only what the user left unset, and only when
+some card would keep less than 1 GiB free (--fit-target). With `-c` unset it first shrinks the context from
+the training length (131072 here) by linear interpolation, never below 4096 (--fit-ctx); then, if that is not
+enough, it fills the cards back to front, the last card first, each with as many whole layers as keep its
+1 GiB margin (a false-position search over dry-run loads), and leaves the rest on the CPU. bench/llama_fit.py
+emulates it with our memory model answering its dry runs; its rows are its choice evaluated like the others.
+All rows use llama-cpp-python's runtime defaults (one sequence, batch 512); llama-server's own `-np auto`
+(4 sequences, unified KV) and `-b 2048` change only host buffers for this model, not the cards' bytes.
 """
 
 from __future__ import annotations
@@ -16,8 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.llama_fit import FitRequest, FitResult, fit_params
 from tests.kit import synth
 from tuner import PlanRequest, plan_model
+from tuner.devices import Device
+from tuner.gguf import read_model
 from tuner.inventory import discover_devices
 from tuner.plan import Plan
 
@@ -28,6 +40,20 @@ def describe(plan: Plan) -> str:
     parts = [f"{d.name.replace('NVIDIA GeForce ', '')}: {d.n_layers} layers, {d.free_after_bytes / GiB:+.2f} GiB left"
              for d in plan.devices]
     return "; ".join(parts)
+
+
+def with_fit(path: Path, devices: list[Device], request: FitRequest) -> tuple[FitResult, Plan]:
+    """What --fit chooses, evaluated as a user placement (its -c, -ngl and -ts) like the other rows."""
+    fit = fit_params(read_model(path), devices, request)
+    # An untouched tensor_split means llama.cpp splits by free memory, the free memory fit.cpp saw.
+    split = fit.tensor_split or tuple(f / GiB for f in fit.free_bytes)
+    plan = plan_model(
+        path, PlanRequest(n_ctx=fit.n_ctx, n_gpu_layers=fit.n_gpu_layers, tensor_split=split), devices, strict=False
+    )
+    placed = tuple(d.n_layers for d in plan.devices)
+    if placed != fit.counts:
+        raise RuntimeError(f"--fit placed {fit.counts} but the plan evaluated {placed}")
+    return fit, plan
 
 
 def main() -> int:
@@ -46,9 +72,20 @@ def main() -> int:
                 q8 = plan_model(path, PlanRequest(n_ctx=n_ctx, type_k="q8_0", type_v="q8_0"), devices, strict=False)
                 same_layers = PlanRequest(max_ctx=True, n_gpu_layers=ours.n_gpu_layers)
                 most = plan_model(path, same_layers, devices, strict=False)
+                _, fit_auto = with_fit(path, devices, FitRequest())
+                _, fit_ctx = with_fit(path, devices, FitRequest(n_ctx=n_ctx))
+                # Planned with --fit's 1 GiB margin (like for like), shown against the same 512 MiB as the rest.
+                planned_1g = plan_model(path, PlanRequest(n_ctx=n_ctx, reserve_bytes=GiB), devices, strict=False)
+                as_planned = PlanRequest(
+                    n_ctx=n_ctx, n_gpu_layers=planned_1g.n_gpu_layers, tensor_split=planned_1g.tensor_split
+                )
+                ours_1g = plan_model(path, as_planned, devices, strict=False)
                 rows = [
                     ("llama.cpp default", default),
+                    ("llama.cpp --fit (default, -c unset)", fit_auto),
+                    (f"llama.cpp --fit with -c {n_ctx}", fit_ctx),
                     ("tune-split (speed)", ours),
+                    ("tune-split, 1 GiB reserve (as --fit)", ours_1g),
                     ("tune-split, q8_0 KV", q8),
                     ("tune-split --max-ctx, same -ngl", most),
                 ]
