@@ -4,7 +4,7 @@
 
 llama.cpp's default (no --tensor-split) puts every layer on the GPUs in proportion to each card's free
 memory. That ignores what does not scale with layers — the output layer and its logits buffer on the last
-card, each card's CUDA context — so the smaller card overflows first. Both placements are evaluated with the
+card, each card's CUDA context — so the smaller card overflows first. Every placement is evaluated with the
 same memory model (the one the acceptance tests hold to llama.cpp's real allocations).
 
 llama-server's `--fit` (common/fit.cpp, on by default) changes only what the user left unset, and only when
