@@ -7,29 +7,38 @@ from pathlib import Path
 
 import pytest
 
+from tuner.devices import Device
 from tuner.gguf import read_model
-from tuner.layout import Layout, RuntimeSettings
-from tuner.memory.kv import layer_kv_bytes, place_kv
-from tuner.memory.weights import place_weights
+from tuner.layout import RuntimeSettings
+from tuner.memory.kv import layer_kv_bytes
+from tuner.memory.predict import MemoryModel, MemoryPrediction
 
 MiB = 1024 * 1024
 H100_DATA = Path(__file__).parent / "data" / "h100-llama-cpp-buffers.json"  # a copy of shared/data/
 
 
-def two_device_layout(backends: tuple[str, ...] = ("cpu", "cpu")) -> Layout:
-    return Layout(30, "layer", 99, 0, backends, ((0, 18), (19, 30)))  # type: ignore[arg-type]
+def device(backend: str) -> Device:
+    return Device(name=backend, kind="simulated", backend=backend, total_bytes=80 << 30, free_bytes=80 << 30)  # type: ignore[arg-type]
+
+
+def smollm2_two_devices(path: Path) -> MemoryPrediction:
+    """-ts 0.6,0.4 on two CPU-backed devices: 19 and 12 entries, as llama.cpp placed them (shared notes)."""
+    memory = MemoryModel(read_model(path), [device("cpu"), device("cpu")], RuntimeSettings(n_ctx=2048))
+    layout = memory.layout([19, 12])
+    assert layout.device_layers == ((0, 18), (19, 30))
+    return memory.predict(layout)
 
 
 def test_smollm2_weights_match_llama_cpp_log(smollm2: Path) -> None:
-    placement = place_weights(read_model(smollm2), two_device_layout())
+    prediction = smollm2_two_devices(smollm2)
     # RPC0 model buffer 40.16 MiB, RPC1 51.94 MiB (tied output copy), CPU_Mapped 28.69 MiB (token_embd).
-    assert [round(b / MiB, 2) for b in placement.device_bytes] == [40.16, 51.94]
-    assert round(placement.host_bytes / MiB, 2) == 28.69
+    assert [round(d.weights_bytes / MiB, 2) for d in prediction.devices] == [40.16, 51.94]
+    assert round(prediction.host_weights_bytes / MiB, 2) == 28.69
 
 
 def test_smollm2_kv_matches_llama_cpp_log(smollm2: Path) -> None:
-    devices, host = place_kv(read_model(smollm2), RuntimeSettings(n_ctx=2048), two_device_layout())
-    assert [b / MiB for b in devices] == [28.5, 16.5] and host == 0
+    prediction = smollm2_two_devices(smollm2)
+    assert [d.kv_bytes / MiB for d in prediction.devices] == [28.5, 16.5] and prediction.host_kv_bytes == 0
 
 
 @pytest.mark.parametrize(
@@ -62,17 +71,15 @@ def test_h100_weights_and_kv(run: dict, synth_dir: Path) -> None:
         shape = synth.LLAMA_8B.replace(n_vocab=49152, name="h100-8b")
         synth.write_gguf(path, shape, "Q4_0", sparse=True, pure=True)
     model = read_model(path)
-    n_gpu = run["n_gpu_layers"]
-    start = max(model.n_layer + 1 - n_gpu, 0)
-    layers = ((start, model.n_layer),) if n_gpu else (None,)
-    layout = Layout(model.n_layer, "layer", n_gpu, 0, ("cuda",), layers)
     settings = RuntimeSettings(
         n_ctx=run["n_ctx"], n_seq_max=run["n_seq_max"], type_k=run["type_k"], type_v=run["type_v"],
         flash_attn=run["flash_attn"],
     )
+    memory = MemoryModel(model, [device("cuda")], settings)
+    prediction = memory.predict(memory.layout([min(run["n_gpu_layers"], model.n_layer + 1)]))
     cuda = run["buffers_mib"].get("CUDA0", {})
-    weights = place_weights(model, layout)
-    assert abs(weights.device_bytes[0] / MiB - cuda.get("model", 0.0)) < 0.01
-    kv_devices, kv_host = place_kv(model, settings, layout)
-    assert kv_devices[0] / MiB == pytest.approx(cuda.get("kv", 0.0), abs=0.01)
-    assert kv_host / MiB == pytest.approx(run["buffers_mib"].get("CPU", {}).get("kv", 0.0), abs=0.01)
+    assert abs(prediction.devices[0].weights_bytes / MiB - cuda.get("model", 0.0)) < 0.01
+    assert prediction.devices[0].kv_bytes / MiB == pytest.approx(cuda.get("kv", 0.0), abs=0.01)
+    host_kv_mib = run["buffers_mib"].get("CPU", {}).get("kv", 0.0)
+    assert prediction.host_kv_bytes / MiB == pytest.approx(host_kv_mib, abs=0.01)
+    assert round(prediction.host_weights_bytes / MiB, 2) == run["buffers_mib"]["CPU_Mapped"]["model"]

@@ -4,7 +4,7 @@ Per layer: K is ``n_embd_k_gqa x cells x n_stream`` and V ``n_embd_v_gqa x cells
 types. ``cells`` is the padded per-sequence context; sliding-window layers get
 ``pad256(min(cells, n_swa + n_ubatch))`` unless ``swa_full`` (llama-cpp-python's default) keeps them full.
 Without flash attention V is stored transposed and, when layers differ in V width, padded to the widest.
-The cache of a layer lives with the layer; layers kept on the CPU keep theirs in host RAM.
+The cache of a layer lives with the layer; layers kept on the CPU keep theirs in host RAM (tuner.memory.predict).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tuner.errors import PlanRequestError
-from tuner.layout import N_CTX_PAD, Layout, RuntimeSettings
+from tuner.layout import N_CTX_PAD, RuntimeSettings
 from tuner.model import ModelInfo
 
 
@@ -54,17 +54,3 @@ def layer_kv_bytes(model: ModelInfo, settings: RuntimeSettings) -> list[int]:
         v_bytes = cache_type_row_bytes(settings.type_v, n_embd_v) * cells
         sizes.append(k_bytes + v_bytes)
     return sizes
-
-
-def place_kv(model: ModelInfo, settings: RuntimeSettings, layout: Layout) -> tuple[tuple[int, ...], int]:
-    """KV bytes per device and on the host."""
-    per_layer = layer_kv_bytes(model, settings)
-    device_bytes = [0] * len(layout.device_backends)
-    host_bytes = 0
-    for il, n_bytes in enumerate(per_layer):
-        device = layout.device_of_layer(il)
-        if device is None:
-            host_bytes += n_bytes
-        else:
-            device_bytes[device] += n_bytes
-    return tuple(device_bytes), host_bytes

@@ -14,7 +14,7 @@ from tuner.layout import Layout, RuntimeSettings
 from tuner.memory.compute import ComputeBuffers, estimate_compute
 from tuner.memory.kv import layer_kv_bytes
 from tuner.memory.overhead import device_overhead_bytes
-from tuner.memory.weights import group_bytes, group_tensors
+from tuner.memory.weights import file_spans, group_bytes, group_tensors, mapped_bytes
 from tuner.model import ModelInfo
 
 
@@ -58,6 +58,9 @@ class MemoryModel:
             for backend in backends
         }
         self.kv_bytes = [*layer_kv_bytes(model, settings), 0]  # the output layer has no cache
+        # Where each entry's tensors sit in the files, for the host's mapped range.
+        self.host_spans = file_spans(self.groups.host)
+        self.entry_spans = [file_spans(block) for block in (*self.groups.blocks, self.groups.output)]
         self.overhead_bytes = tuple(device_overhead_bytes(d) for d in self.devices)
         # RPC devices size tensors like their backend but never take op_offload work from the CPU.
         self.remote = tuple(d.kind == "rpc" for d in self.devices)
@@ -90,7 +93,6 @@ class MemoryModel:
         n_entries = self.model.n_layer + 1
         weights = [0] * len(self.devices)
         kv = [0] * len(self.devices)
-        host_entries: list[int] = []
         for device_index, layers in enumerate(layout.device_layers):
             if layers is None:
                 continue
@@ -145,14 +147,8 @@ class MemoryModel:
         return kinds
 
     def _host_weight_bytes(self, host_entries: Sequence[int]) -> int:
-        """Host weights: the input layer plus every entry kept on the CPU (mmap'd, so the tied copy is free)."""
-        total = group_bytes(self.groups.host, "cpu")
-        cpu_bytes = self.entry_bytes["cpu"]
-        for il in host_entries:
-            if il == self.model.n_layer and self.groups.tied_output:
-                continue
-            total += cpu_bytes[il]
-        return total
+        """Host weights: the input layer plus every entry kept on the CPU, as the file range llama.cpp maps."""
+        return mapped_bytes([self.host_spans, *(self.entry_spans[il] for il in host_entries)])
 
     def read_bytes_per_token(self, layout: Layout) -> tuple[list[int], int]:
         """Bytes each device (and the host) reads per decoded token: active weights plus half the KV cache.

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tuner.devices import AllocatorBackend
-from tuner.layout import Layout
 from tuner.model import ModelInfo, TensorInfo
 
 # ggml-cuda/common.cuh MATRIX_ROW_PADDING: the last row of a quantised matrix is padded to this many elements.
@@ -72,41 +71,24 @@ def group_bytes(tensors: Sequence[TensorInfo], backend: AllocatorBackend) -> int
     return sum(tensor_alloc_bytes(t, backend) for t in tensors)
 
 
-def block_bytes(model: ModelInfo, backend: AllocatorBackend = "cpu") -> list[int]:
-    """Bytes of every block on a device of ``backend``; the planner balances these."""
-    groups = group_tensors(model)
-    return [group_bytes(block, backend) for block in groups.blocks]
+Spans = dict[int, tuple[int, int]]  # file index -> (first byte, end byte) of a group of tensors
 
 
-@dataclass(frozen=True)
-class WeightPlacement:
-    device_bytes: tuple[int, ...]
-    host_bytes: int  # weights that stay in host RAM (mmap'd from the file unless --no-mmap)
-
-
-def place_weights(model: ModelInfo, layout: Layout, groups: WeightGroups | None = None) -> WeightPlacement:
-    """Weight bytes per device and on the host for a layer layout (split mode "layer" or "none")."""
-    groups = groups or group_tensors(model)
-    device_bytes = [0] * len(layout.device_backends)
-    host_tensors: list[TensorInfo] = list(groups.host)
-    for il in range(model.n_layer + 1):
-        tensors = groups.output if il == model.n_layer else groups.blocks[il]
-        device = layout.device_of_layer(il)
-        if device is None:
-            host_tensors.extend(tensors)
-        else:
-            device_bytes[device] += group_bytes(tensors, layout.device_backends[device])
-    return WeightPlacement(tuple(device_bytes), _mapped_bytes(host_tensors))
-
-
-def _mapped_bytes(tensors: Sequence[TensorInfo]) -> int:
-    """Host weights are mmap'd: llama.cpp maps, per file, the range from the first to the last host tensor."""
-    spans: dict[int, tuple[int, int]] = {}
-    seen: set[str] = set()
+def file_spans(tensors: Sequence[TensorInfo]) -> Spans:
+    """Per file, the byte range a group of tensors occupies."""
+    spans: Spans = {}
     for tensor in tensors:
-        if tensor.name in seen:  # the tied output copy of token_embd maps the same bytes
-            continue
-        seen.add(tensor.name)
         first, last = spans.get(tensor.file_index, (tensor.offset, tensor.offset + tensor.n_bytes))
         spans[tensor.file_index] = (min(first, tensor.offset), max(last, tensor.offset + tensor.n_bytes))
-    return sum(last - first for first, last in spans.values())
+    return spans
+
+
+def mapped_bytes(groups: Sequence[Spans]) -> int:
+    """Host weights are mmap'd: llama.cpp maps, per file, the range from the first to the last host tensor.
+    A tensor listed twice (the tied output copy of token_embd) maps the same bytes, so it costs nothing more."""
+    merged: Spans = {}
+    for spans in groups:
+        for file_index, (first, last) in spans.items():
+            have = merged.get(file_index, (first, last))
+            merged[file_index] = (min(have[0], first), max(have[1], last))
+    return sum(last - first for first, last in merged.values())
