@@ -9,7 +9,7 @@ from gguf import GGUFReader
 
 from tests.kit import synth
 from tuner.errors import GGUFError
-from tuner.gguf import read_model, split_paths
+from tuner.gguf import read_header, read_model, read_split_model, split_paths
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
@@ -101,3 +101,28 @@ def test_unknown_architecture(alien_gguf: Path) -> None:
 def test_directory_is_not_a_model(tmp_path: Path) -> None:
     with pytest.raises(GGUFError, match="is a directory"):
         read_model(tmp_path)
+
+
+@pytest.mark.parametrize("step", [1, 4096, 1 << 20], ids=["byte-by-byte", "4KiB", "1MiB"])
+def test_growing_source_reads_what_the_file_reads_and_no_further(step: int, gemma3: Path) -> None:
+    """A remote file's prefix arrives on demand: same model as the local read, and only the header is asked for."""
+    data = memoryview(gemma3.read_bytes())  # slices without copying: the byte-by-byte case asks ~10^6 times
+    asked: list[int] = []
+
+    def grow(n_bytes: int) -> bytes:
+        asked.append(n_bytes)
+        return data[: -(-n_bytes // step) * step]  # type: ignore[return-value]
+
+    header = read_header(grow, str(gemma3))
+    local = read_model(gemma3)
+    assert read_split_model([str(gemma3)], lambda _path, _index: header) == local
+    data_start = min(t.offset for t in local.tensors)
+    assert max(asked) <= data_start  # never past the tensor table
+    if step == 1:
+        assert max(asked) > data_start - 64  # the whole table was needed (alignment padding is the slack)
+
+
+def test_growing_source_that_ends_early_is_a_truncated_header(smollm2: Path) -> None:
+    data = smollm2.read_bytes()[:300_000]
+    with pytest.raises(GGUFError, match=r"truncated GGUF header .* file has 300,000"):
+        read_header(lambda n_bytes: data[:n_bytes], "remote.gguf")

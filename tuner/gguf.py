@@ -12,7 +12,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -49,17 +49,30 @@ _SCALAR_STRUCTS = {kind: struct.Struct(fmt) for kind, fmt in _SCALAR_FORMATS.ite
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
+Grow = Callable[[int], bytes]
+"""``grow(n)`` returns the file's first ``n`` bytes or more (fewer only where the file ends): a remote file
+read by ranges (tuner.hub) hands the parser a prefix that grows only as far as the header needs."""
+Header = tuple[dict[str, object], list[TensorInfo]]
+PartReader = Callable[[str, int], Header]
+
 
 class _Cursor:
-    """Reads little-endian GGUF primitives from a memory map, failing with GGUFError at the end of the data."""
+    """Reads little-endian GGUF primitives from a memory map, failing with GGUFError at the end of the data.
 
-    def __init__(self, data: mmap.mmap | bytes, path: str) -> None:
+    With ``grow`` the data is a prefix of the file that is extended on demand instead of ending there.
+    """
+
+    def __init__(self, data: mmap.mmap | bytes, path: str, grow: Grow | None = None) -> None:
         self.data = data
         self.pos = 0
         self.path = path
         self.size = len(data)
+        self.grow = grow
 
     def _need(self, n_bytes: int) -> None:
+        if self.pos + n_bytes > self.size and self.grow is not None:
+            self.data = self.grow(self.pos + n_bytes)
+            self.size = len(self.data)
         if self.pos + n_bytes > self.size:
             raise GGUFError(
                 f"{self.path}: truncated GGUF header (needs {self.pos + n_bytes:,} bytes, file has "
@@ -104,6 +117,7 @@ class _Cursor:
             if pos + 8 > end:
                 self.pos = pos
                 self._need(8)
+                data, end = self.data, self.size  # a growing source has handed over a longer prefix
             pos += 8 + unpack(data, pos)[0]
         self.pos = pos
         self._need(0)
@@ -144,7 +158,7 @@ class _SkippedArray:
         return self.count
 
 
-def _read_header(path: str, file_index: int) -> tuple[dict[str, object], list[TensorInfo]]:
+def _read_header(path: str, file_index: int) -> Header:
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -168,8 +182,13 @@ def _read_header(path: str, file_index: int) -> tuple[dict[str, object], list[Te
         data.close()
 
 
-def _parse_header(data: mmap.mmap, path: str, file_index: int) -> tuple[dict[str, object], list[TensorInfo]]:
-    cursor = _Cursor(data, path)
+def read_header(grow: Grow, name: str, file_index: int = 0) -> Header:
+    """Parse the header of a GGUF whose bytes arrive on demand (see ``Grow``); ``name`` is used in errors."""
+    return _parse_header(grow(24), name, file_index, grow)
+
+
+def _parse_header(data: mmap.mmap | bytes, path: str, file_index: int, grow: Grow | None = None) -> Header:
+    cursor = _Cursor(data, path, grow)
     if data[:4] != GGUF_MAGIC:
         raise GGUFError(f"{path}: not a GGUF file (it starts with {bytes(data[:4])!r}, expected b'GGUF')")
     cursor.pos = 4
@@ -232,7 +251,19 @@ def split_paths(path: str | os.PathLike[str]) -> list[str]:
 def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     """Read what planning needs from a GGUF (all files of a split model)."""
     paths = split_paths(path)
-    metadata, tensors = _read_header(paths[0], 0)
+
+    def read_part(part: str, file_index: int) -> Header:
+        if file_index and not os.path.exists(part):
+            raise GGUFError(f"{part}: missing part {file_index + 1} of {len(paths)} of a split model")
+        return _read_header(part, file_index)
+
+    return read_split_model(paths, read_part)
+
+
+def read_split_model(paths: Sequence[str], read_part: PartReader) -> ModelInfo:
+    """The model whose files are ``paths`` (one, or every part of a split GGUF in order), each header read by
+    ``read_part(path, file_index)``: a local file, or a remote one read by ranges."""
+    metadata, tensors = read_part(paths[0], 0)
     split_count = _optional_int(metadata.get("split.count"), 1, "split.count", paths[0])
     if split_count > 1 and len(paths) == 1:
         raise GGUFError(
@@ -240,9 +271,7 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
             f"NAME-00001-of-{split_count:05d}.gguf; rename the parts or merge them with llama-gguf-split"
         )
     for file_index, part in enumerate(paths[1:], start=1):
-        if not os.path.exists(part):
-            raise GGUFError(f"{part}: missing part {file_index + 1} of {len(paths)} of a split model")
-        _, part_tensors = _read_header(part, file_index)
+        _, part_tensors = read_part(part, file_index)
         tensors.extend(part_tensors)
     return _model_from_header(paths, metadata, tensors)
 
