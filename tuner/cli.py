@@ -8,6 +8,12 @@ Check a split you already use (same table, with a verdict):
 
     tune-split models/llama-3.3-70b-q4_k_m.gguf --gpus 24GiB,16GiB --tensor-split 3,2 --ctx 8192
 
+Before downloading: plan a model on the Hugging Face Hub from its header alone (a few MB of range requests),
+or list every quantisation of a repo with its verdict (HF_TOKEN or `hf auth login` for gated repos):
+
+    tune-split bartowski/Llama-3.3-70B-Instruct-GGUF:Q4_K_M --gpus "RTX 4090,RTX 4080"
+    tune-split bartowski/Llama-3.3-70B-Instruct-GGUF --gpus "RTX 4090,RTX 4080"
+
 Tables go to stdout, logs to stderr; `--format json` is for scripts (schema: tuner.plan.Plan).
 Exit status: 0 the plan fits, 3 it does not fit, 2 bad input (one line on stderr).
 """
@@ -18,11 +24,17 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from tuner.errors import TunerError
-from tuner.plan import CACHE_TYPES, MiB, PlanRequest
+from tuner.plan import CACHE_TYPES, MiB, Plan, PlanRequest
+
+if TYPE_CHECKING:
+    from tuner.devices import Device
+    from tuner.hub import Hub
+    from tuner.hubref import HubReference
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -58,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="GGUF file (for a split model, any of its parts)")
+    parser.add_argument(
+        "model",
+        help="GGUF file (for a split model, any of its parts), or on the Hugging Face Hub: OWNER/REPO:QUANT, "
+        "OWNER/REPO/FILE.gguf, a resolve URL, or OWNER/REPO to list its quantisations",
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--gpus", help='simulate cards: "RTX 4090,RTX 4080", "24GiB,16GiB" or a JSON file')
     where.add_argument("--rpc", help="llama.cpp RPC servers host:port,... (listed before local GPUs)")
@@ -113,17 +129,26 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
 
 def run(args: argparse.Namespace, out: Console) -> int:
     from tuner.api import plan_model
+    from tuner.hubref import looks_remote
     from tuner.inventory import discover_devices
-    from tuner.render import plan_env, plan_flags, plan_json, render_plan
 
     request = request_from_args(args)
     rpc = [e.strip() for e in args.rpc.split(",") if e.strip()] if args.rpc else []
+    if looks_remote(args.model):
+        return run_hub(args, out, request, rpc)
     devices = discover_devices(rpc=rpc, gpus=args.gpus)
     plan = plan_model(args.model, request, devices, strict=False)
     if args.measure:
         from tuner.measure import attach_measurement
 
         plan = attach_measurement(plan, rpc)
+    return emit(plan, args, out)
+
+
+def emit(plan: Plan, args: argparse.Namespace, out: Console) -> int:
+    """Print the plan in the chosen format; the exit status says whether it fits."""
+    from tuner.render import plan_env, plan_flags, plan_json, render_plan
+
     if args.format == "json":
         out.print_json(plan_json(plan)) if out.is_terminal else print(plan_json(plan))
     elif args.format == "flags":
@@ -138,6 +163,55 @@ def run(args: argparse.Namespace, out: Console) -> int:
             print(f"tune-split: {plan.verdict}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     return 0
+
+
+def run_hub(args: argparse.Namespace, out: Console, request: PlanRequest, rpc: list[str]) -> int:
+    """A model on the Hugging Face Hub: plan it from its header, or list the repo's quantisations."""
+    from tuner.api import plan_model
+    from tuner.errors import HubError
+    from tuner.hub import Hub
+    from tuner.inventory import discover_devices
+
+    if args.measure:
+        raise HubError("--measure loads the model with llama.cpp; download it first (llamasplit pull ...)")
+    hub = Hub()
+    ref = hub.parse(args.model)
+    if ref is None:  # looks_remote said otherwise; only a file created in between gets here
+        raise HubError(f"{args.model}: neither a local file nor a Hub reference")
+    devices = discover_devices(rpc=rpc, gpus=args.gpus)
+    if ref.is_repo:
+        return run_listing(hub, ref, args, out, request, devices)
+    listing, model = hub.resolve(ref)
+    info, stats = hub.read_model(listing, model)
+    print(f"tune-split: read {ref} at {listing.commit[:12]} from the Hub: {stats.describe()}", file=sys.stderr)
+    return emit(plan_model(info, request, devices, strict=False), args, out)
+
+
+def run_listing(
+    hub: Hub, ref: HubReference, args: argparse.Namespace, out: Console, request: PlanRequest, devices: list[Device]
+) -> int:
+    """Every quantisation in the repo with its verdict: the answer to "which one should I download?"."""
+    from tuner.errors import PlanRequestError
+    from tuner.quants import options_json, plan_options, render_options
+
+    if args.format in ("flags", "env"):
+        raise PlanRequestError(f"--format {args.format} needs one model; name a quantisation, e.g. {ref}:Q4_K_M")
+    if request.n_ctx is None and not request.max_ctx:
+        # The question a listing answers is "at what context", so each row gets the largest that fits.
+        request = request.model_copy(update={"max_ctx": True})
+    listing = hub.listing(ref)
+    if not listing.models:
+        raise PlanRequestError(f"{ref}: the repo holds no GGUF files")
+    options, stats = plan_options(hub, listing, request, devices)
+    headers = f"{stats.files} header{'s' if stats.files != 1 else ''}"
+    print(f"tune-split: read {headers} of {ref} from the Hub: {stats.describe()}", file=sys.stderr)
+    if args.format == "json":
+        text = options_json(listing, options, stats)
+        out.print_json(text) if out.is_terminal else print(text)
+    else:
+        out.print(render_options(listing, options, devices, request))
+        print(f"download one with: llamasplit pull {ref.repo_id}:QUANT [--dir models/]", file=sys.stderr)
+    return 0 if any(o.fits for o in options) else EXIT_DOES_NOT_FIT
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,8 @@ Hierarchy::
     │                               unreachable RPC endpoint, unreadable JSON inventory)
     ├── PlanRequestError            the request itself is inconsistent (bad tensor split, V cache quantised
     │                               without flash attention, n_gpu_layers out of range, ...)
+    ├── HubError                    a Hugging Face Hub reference cannot be resolved or read (no such repo,
+    │                               file or quantisation; gated; offline; network; checksum mismatch)
     └── DoesNotFitError             a valid request that no placement can hold; carries the plan that came
                                     closest so that callers can show the numbers
 
@@ -39,6 +41,10 @@ class InventoryError(TunerError):
 
 class PlanRequestError(TunerError):
     """The planning request contradicts itself or the model (not a question of memory)."""
+
+
+class HubError(TunerError):
+    """A model on the Hugging Face Hub cannot be listed, read or downloaded; the message never holds a token."""
 
 
 class DoesNotFitError(TunerError):
