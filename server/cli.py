@@ -17,6 +17,7 @@ from typing import Any
 
 from server.config import is_loopback, load_settings
 from server.errors import ConfigError
+from server.pull import add_pull_parser
 
 log = logging.getLogger("llamasplit.cli")
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
     add("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)")
     add("--debug", action="store_true", help="show tracebacks")
+    add_pull_parser(sub)
     return parser
 
 
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_pci_bus_order()
     args = build_parser().parse_args(argv)
     try:
-        return serve(args)
+        return args.run(args) if "run" in args else serve(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
