@@ -29,7 +29,7 @@ TINY_CARD = ("--gpus", "545MiB", "--reserve", "0")
 
 @pytest.fixture(scope="module")
 def files(
-    tmp_path_factory: pytest.TempPathFactory, synth_model: Callable[[str], Path], smollm2: Path
+    tmp_path_factory: pytest.TempPathFactory, synth_model: Callable[[str], Path], smollm2: Path, gemma3: Path
 ) -> dict[str, Path]:
     """Local files the fake Hub serves, by name; planning them is what a download would plan."""
     folder = tmp_path_factory.mktemp("hub-files")
@@ -41,6 +41,7 @@ def files(
     found["llama-70b-Q4_K_M.gguf"] = synth_model("llama-70b-q4_k_m")
     found["llama-8b-Q4_0.gguf"] = synth_model("llama-8b-q4_0")
     found["SmolLM2-135M-Instruct.Q4_1.gguf"] = smollm2
+    found["gemma-3-270m-Q4_K_M.gguf"] = gemma3
     readme = folder / "README.md"
     readme.write_text("# tiny llama\n")
     found["README.md"] = readme
@@ -58,6 +59,7 @@ def hub(files: dict[str, Path]) -> Iterator[FakeHub]:
         hub.add_repo("meta/llama-GGUF", {n: files[n] for n in ("llama-70b-Q4_K_M.gguf", "llama-8b-Q4_0.gguf")})
         hub.add_repo("HuggingFaceTB/SmolLM2-GGUF", {"SmolLM2-135M-Instruct.Q4_1.gguf": files[
             "SmolLM2-135M-Instruct.Q4_1.gguf"]})  # fmt: skip
+        hub.add_repo("google/gemma-3-270m-GGUF", {"gemma-3-270m-Q4_K_M.gguf": files["gemma-3-270m-Q4_K_M.gguf"]})
         hub.add_repo("acme/gated-GGUF", {"tiny-llama-Q4_0.gguf": files["tiny-llama-Q4_0.gguf"]}, gated=True,
                      token=TOKEN)  # fmt: skip
         hub.add_repo("acme/private-GGUF", {"tiny-llama-Q4_0.gguf": files["tiny-llama-Q4_0.gguf"]}, token=TOKEN)
@@ -181,13 +183,22 @@ def test_header_only_plan_of_a_70b_fetches_a_few_mib_and_matches_the_file(run, h
     assert ranged and all(r.range and r.range.startswith("bytes=") for r in ranged)
 
 
-def test_real_model_header_is_a_small_share_of_the_file(run, hub: FakeHub, files) -> None:  # type: ignore[no-untyped-def]
-    result = run("HuggingFaceTB/SmolLM2-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf", "--format", "json")
+@pytest.mark.parametrize(
+    ("repo", "name", "spelling", "header_mib"),
+    [
+        ("HuggingFaceTB/SmolLM2-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf", "/{name}", 1.7),
+        ("google/gemma-3-270m-GGUF", "gemma-3-270m-Q4_K_M.gguf", ":Q4_K_M", 6.2),
+    ],
+    ids=["smollm2-by-file", "gemma3-by-quant"],
+)
+def test_real_model_header_costs_less_than_twice_its_size(  # type: ignore[no-untyped-def]
+    run, hub: FakeHub, files, repo: str, name: str, spelling: str, header_mib: float
+) -> None:
+    result = run(repo + spelling.format(name=name), "--format", "json")
     assert result.returncode == 0, result.stderr
-    source = files["SmolLM2-135M-Instruct.Q4_1.gguf"]
-    served = hub.served_bytes("HuggingFaceTB/SmolLM2-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert served / source.stat().st_size < 0.03  # a 1.3 MiB header of a 94 MiB file
-    same_plan(json.loads(result.stdout), local_plan(source))
+    served = hub.served_bytes(f"{repo}/{name}")
+    assert header_mib * 2**20 < served < 2 * header_mib * 2**20  # of 94 MiB and 241 MiB files
+    same_plan(json.loads(result.stdout), local_plan(files[name]))
 
 
 def test_resolve_url_on_the_endpoint_is_planned(run, hub: FakeHub) -> None:  # type: ignore[no-untyped-def]

@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tuner.hub")
 
 MiB = 1024 * 1024
-# The first request: small models' headers fit in it (SmolLM2's is 1.3 MiB with a 49k vocabulary; a 128k-token
-# Llama 3 vocabulary with its merges makes ~8 MiB). Later requests double what is held, so a header costs about
-# log2(header / 1 MiB) + 1 requests and at most twice its size, capped per request to bound the overshoot.
+# The first request: most of a small model's header (SmolLM2's, with a 49k vocabulary, is 1.7 MiB; Gemma 3's
+# 262k vocabulary makes 6.2 MiB, a 128k Llama 3 vocabulary with its merges ~8 MiB). Later requests double what is
+# held, so a header costs about log2(header / 1 MiB) + 1 requests and less than twice its size; the cap per
+# request bounds the overshoot on very large headers.
 FIRST_FETCH_BYTES = 1 * MiB
 MAX_FETCH_BYTES = 8 * MiB
 # Headers of a repo's quantisations are read side by side: the wait is network latency, not CPU.
