@@ -239,7 +239,7 @@ def hub_errors(ref: HubReference, endpoint: str) -> Iterator[None]:
         ) from exc
     except errors.RepositoryNotFoundError as exc:
         raise HubError(
-            f"{ref}: not a local file, and the Hub has no repo {ref.repo_id} that this token may see "
+            f"{ref}: not a local file, and the Hub shows no repo {ref.repo_id} to this client "
             "(if it is private, log in with `hf auth login` or set HF_TOKEN)"
         ) from exc
     except errors.RevisionNotFoundError as exc:
