@@ -19,7 +19,8 @@ from tests.conftest import SYNTH_MODELS  # noqa: E402
 from tests.kit import synth  # noqa: E402
 from tests.kit.models import gemma3_path, smollm2_path  # noqa: E402
 from tests.kit.rpcbed import rpc_servers  # noqa: E402
-from tuner.llamacpp.load import load_and_report  # noqa: E402
+from tuner import LoadSettings  # noqa: E402
+from tuner.llamacpp import load_and_report  # noqa: E402
 
 OUT = REPO / "tests" / "data" / "compute_measurements.json"
 # Real CUDA numbers (one H100) that the CUDA side of the model is checked against; copied into OUT.
@@ -110,10 +111,13 @@ def model_path(key: str, workdir: Path) -> Path:
 
 def measure(entry: dict[str, object], endpoints: list[str], workdir: Path) -> dict[str, object]:
     n_rpc = int(entry["n_rpc"])  # type: ignore[call-overload]
-    report = load_and_report(
-        model_path(str(entry["model"]), workdir), rpc_endpoints=endpoints[:n_rpc],
+    settings = LoadSettings(
         n_gpu_layers=int(entry["n_gpu_layers"]),  # type: ignore[call-overload]
-        tensor_split=entry["tensor_split"], dry_run=bool(entry["dry_run"]), **entry["settings"],  # type: ignore[arg-type]
+        tensor_split=entry["tensor_split"], **entry["settings"],  # type: ignore[arg-type]
+    )
+    report = load_and_report(
+        model_path(str(entry["model"]), workdir), settings, rpc_endpoints=endpoints[:n_rpc],
+        dry_run=bool(entry["dry_run"]),
     )
     assert report.exact, "llama_get_memory_breakdown is needed for exact bytes"
     names = [report.device_buffer_names.get(d.name, d.name) for d in report.devices]

@@ -81,12 +81,8 @@ def test_plan_matches_llama_cpp_allocation(
     plan = plan_model(path, settings, devices)
     assert plan.fits
 
-    report = load_and_report(
-        path, rpc_endpoints=endpoints, n_gpu_layers=plan.n_gpu_layers, tensor_split=plan.tensor_split,
-        n_ctx=plan.n_ctx, n_seq_max=plan.n_seq_max, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch,
-        type_k=plan.type_k, type_v=plan.type_v, flash_attn="on" if plan.flash_attn else "off",
-        kv_unified=plan.kv_unified, swa_full=plan.swa_full,
-    )
+    # The load settings come from the plan alone: what the server loads with.
+    report = load_and_report(path, plan.load_settings(), rpc_endpoints=endpoints)
     tolerance = report.tolerance_bytes
     logged_layers = report.layers_per_device()
     if logged_layers:  # "layer N assigned to device X" lines (debug level)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.kit import synth
+from tuner import LoadSettings
 from tuner.devices import Device
 from tuner.gguf import read_model
 from tuner.layout import Layout, RuntimeSettings
@@ -194,11 +195,11 @@ LIVE = [
 @pytest.mark.llama
 @pytest.mark.parametrize("case", LIVE, ids=["smollm2-rpc3-pipeline-fa-auto-q8_0", "gemma3-rpc2-partial-swa-small"])
 def test_live_load_allocates_the_predicted_compute_buffers(case: dict, model_by_key, rpc_endpoints: list[str]) -> None:  # type: ignore[no-untyped-def,type-arg]
-    from tuner.llamacpp.load import load_and_report
+    from tuner.llamacpp import load_and_report
 
     model = model_by_key(case["model"])
-    report = load_and_report(model.path, rpc_endpoints=rpc_endpoints[: case["n_rpc"]],
-                             n_gpu_layers=case["n_gpu_layers"], tensor_split=case["tensor_split"], **case["settings"])
+    settings = LoadSettings(n_gpu_layers=case["n_gpu_layers"], tensor_split=case["tensor_split"], **case["settings"])
+    report = load_and_report(model.path, settings, rpc_endpoints=rpc_endpoints[: case["n_rpc"]])
     assert report.exact, "needs llama_get_memory_breakdown (x86-64 build)"
     layout = _layout(model, "cpu", case["n_rpc"], case["n_gpu_layers"], case["tensor_split"])
     predicted = estimate_compute(model, _settings(case["settings"], report.flash_attn), layout)

@@ -19,11 +19,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.kit.models import TestModelMissing, smollm2_path
 from tests.kit.rpcbed import rpc_servers
+from tuner import LoadSettings
 from tuner.errors import GGUFError, InventoryError, PlanRequestError
 from tuner.llamacpp import (
     GGML_TYPE_IDS,
@@ -33,6 +35,7 @@ from tuner.llamacpp import (
     apply_memory_breakdown,
     capture_llama_log,
     load_and_report,
+    memory_breakdown_rows,
     parse_log,
     probe_rpc_endpoint,
     query_rpc_devices,
@@ -43,6 +46,10 @@ pytestmark = pytest.mark.llama
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLIT = dict(n_gpu_layers=99, tensor_split=(0.6, 0.4), n_ctx=2048)
+
+
+def settings(**values: Any) -> LoadSettings:
+    return LoadSettings(**values)
 
 
 def mib(value: float) -> int:
@@ -65,7 +72,7 @@ def two_devices() -> Iterator[list[str]]:
 
 @pytest.fixture(scope="module")
 def split_load(smollm2: Path, two_devices: list[str]) -> BufferReport:
-    return load_and_report(smollm2, rpc_endpoints=two_devices, **SPLIT)
+    return load_and_report(smollm2, settings(**SPLIT), rpc_endpoints=two_devices)
 
 
 def _free_port() -> int:
@@ -180,7 +187,9 @@ def test_full_offload_to_rpc_devices_turns_on_pipeline_parallelism(split_load: B
 def test_partial_offload_keeps_first_layer_on_cpu_without_pipeline_parallelism(
     smollm2: Path, two_devices: list[str]
 ) -> None:
-    report = load_and_report(smollm2, rpc_endpoints=two_devices, n_gpu_layers=30, tensor_split=(0.6, 0.4), n_ctx=2048)
+    report = load_and_report(
+        smollm2, settings(n_gpu_layers=30, tensor_split=(0.6, 0.4), n_ctx=2048), rpc_endpoints=two_devices
+    )
 
     assert not report.pipeline_parallel
     assert report.layer_devices[0] == "CPU"
@@ -192,7 +201,7 @@ def test_partial_offload_keeps_first_layer_on_cpu_without_pipeline_parallelism(
 def test_dry_run_predicts_the_real_load_without_allocating(
     smollm2: Path, two_devices: list[str], split_load: BufferReport
 ) -> None:
-    dry = load_and_report(smollm2, rpc_endpoints=two_devices, dry_run=True, **SPLIT)
+    dry = load_and_report(smollm2, settings(**SPLIT), rpc_endpoints=two_devices, dry_run=True)
 
     assert dry.exact and dry.load_mode == "none"
     # The log shows the placeholder buffers: nothing was allocated.
@@ -215,33 +224,35 @@ def test_file_that_is_not_gguf_raises_load_error_with_llama_cpp_log(tmp_path: Pa
     bogus.write_bytes(b"not a gguf file at all" * 100)
 
     with pytest.raises(LoadError, match="could not load") as info:
-        load_and_report(bogus, n_gpu_layers=0, n_ctx=512)
+        load_and_report(bogus, settings(n_gpu_layers=0, n_ctx=512))
 
     assert any("magic" in line or "failed to load" in line for line in info.value.log_tail)
 
 
 def test_missing_model_file_raises_gguf_error(tmp_path: Path) -> None:
     with pytest.raises(GGUFError, match="does not exist"):
-        load_and_report(tmp_path / "absent.gguf", n_ctx=512)
+        load_and_report(tmp_path / "absent.gguf", settings(n_ctx=512))
 
 
 def test_quantised_v_cache_without_flash_attention_is_refused(smollm2: Path) -> None:
     with pytest.raises(PlanRequestError, match="needs flash attention"):
-        load_and_report(smollm2, type_v="q8_0", flash_attn="off", n_ctx=512)
+        load_and_report(smollm2, settings(type_v="q8_0", flash_attn="off", n_ctx=512))
 
 
 def test_unknown_cache_type_is_refused(smollm2: Path) -> None:
     with pytest.raises(PlanRequestError, match="q3_K"):
-        load_and_report(smollm2, type_k="q3_K", n_ctx=512)
+        load_and_report(smollm2, settings(type_k="q3_K", n_ctx=512))
 
 
 def test_load_that_outlives_its_timeout_raises_load_error(smollm2: Path) -> None:
     with pytest.raises(LoadError, match="longer than"):
-        load_and_report(smollm2, n_gpu_layers=0, n_ctx=512, timeout_s=0.05)
+        load_and_report(smollm2, settings(n_gpu_layers=0, n_ctx=512), timeout_s=0.05)
 
 
 def test_quantised_kv_cache_shrinks_kv_buffers(smollm2: Path, two_devices: list[str], split_load: BufferReport) -> None:
-    report = load_and_report(smollm2, rpc_endpoints=two_devices, type_k="q8_0", type_v="q8_0", flash_attn="on", **SPLIT)
+    report = load_and_report(
+        smollm2, settings(type_k="q8_0", type_v="q8_0", flash_attn="on", **SPLIT), rpc_endpoints=two_devices
+    )
 
     for name, f16 in split_load.device_buffers().items():
         # q8_0 stores 32 values in 34 bytes, f16 in 64.
@@ -276,7 +287,7 @@ def test_log_capture_reads_a_cpu_only_llama_load_and_restores_the_logger(smollm2
 
     report = capture.report()
     assert not report.exact
-    apply_memory_breakdown(report, llm._ctx.ctx)
+    apply_memory_breakdown(report, memory_breakdown_rows(llm._ctx.ctx))
     llm.close()
     assert report.exact
     # 30 layers x 2 (K and V) x 192 values x 2 bytes x 512 cells
@@ -381,6 +392,6 @@ def test_abort_inside_llama_cpp_becomes_load_error_and_spares_the_caller(smollm2
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     with listener, pytest.raises(LoadError, match="SIGABRT") as info:
-        load_and_report(smollm2, rpc_endpoints=[f"127.0.0.1:{port}"], n_gpu_layers=99, n_ctx=512)
+        load_and_report(smollm2, settings(n_gpu_layers=99, n_ctx=512), rpc_endpoints=[f"127.0.0.1:{port}"])
 
     assert any("Remote RPC server crashed" in line for line in info.value.log_tail)

@@ -13,12 +13,23 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "plan_model": "tuner.api",
+    "discover_devices": "tuner.inventory",
+    "gguf_files": "tuner.files",
+    "model_alias": "tuner.files",
+    "nvml_key": "tuner.inventory.nvidia",
+    "nvml_used_bytes": "tuner.inventory.nvidia",
+    "use_pci_bus_order": "tuner.inventory.nvidia",
+    "CACHE_TYPES": "tuner.plan",
+    "FlashAttn": "tuner.plan",
+    "SplitMode": "tuner.plan",
+    "MiB": "tuner.plan",
     "Device": "tuner.devices",
     "TunerError": "tuner.errors",
     "GGUFError": "tuner.errors",
     "InventoryError": "tuner.errors",
     "PlanRequestError": "tuner.errors",
     "DoesNotFitError": "tuner.errors",
+    "LoadSettings": "tuner.plan",
     "Plan": "tuner.plan",
     "PlanRequest": "tuner.plan",
     "DevicePlan": "tuner.plan",
@@ -26,25 +37,49 @@ _EXPORTS = {
     "render_plan": "tuner.render",
 }
 __all__ = [
+    "CACHE_TYPES",
     "Device",
     "DevicePlan",
     "DoesNotFitError",
+    "FlashAttn",
     "GGUFError",
     "HostUsage",
     "InventoryError",
+    "LoadSettings",
+    "MiB",
     "Plan",
     "PlanRequest",
     "PlanRequestError",
+    "SplitMode",
     "TunerError",
+    "discover_devices",
+    "gguf_files",
+    "model_alias",
+    "nvml_key",
+    "nvml_used_bytes",
     "plan_model",
     "render_plan",
+    "use_pci_bus_order",
 ]
 
 if TYPE_CHECKING:
     from tuner.api import plan_model
     from tuner.devices import Device
     from tuner.errors import DoesNotFitError, GGUFError, InventoryError, PlanRequestError, TunerError
-    from tuner.plan import DevicePlan, HostUsage, Plan, PlanRequest
+    from tuner.files import gguf_files, model_alias
+    from tuner.inventory import discover_devices
+    from tuner.inventory.nvidia import nvml_key, nvml_used_bytes, use_pci_bus_order
+    from tuner.plan import (
+        CACHE_TYPES,
+        DevicePlan,
+        FlashAttn,
+        HostUsage,
+        LoadSettings,
+        MiB,
+        Plan,
+        PlanRequest,
+        SplitMode,
+    )
     from tuner.render import render_plan
 
 

@@ -31,24 +31,7 @@ def attach_measurement(plan: Plan, rpc_endpoints: Sequence[str]) -> Plan:
 
     if any(d.kind == "simulated" for d in plan.devices):
         raise InventoryError("--measure needs real devices: --gpus only simulates them")
-    report = load_and_report(
-        plan.model_path,
-        rpc_endpoints=rpc_endpoints,
-        n_gpu_layers=plan.n_gpu_layers,
-        tensor_split=plan.tensor_split if plan.devices else None,
-        main_gpu=plan.main_gpu,
-        split_mode=plan.split_mode,
-        n_ctx=plan.n_ctx,
-        n_seq_max=plan.n_seq_max,
-        n_batch=plan.n_batch,
-        n_ubatch=plan.n_ubatch,
-        type_k=plan.type_k,
-        type_v=plan.type_v,
-        flash_attn="on" if plan.flash_attn else "off",
-        kv_unified=plan.kv_unified,
-        swa_full=plan.swa_full,
-        dry_run=True,
-    )
+    report = load_and_report(plan.model_path, plan.load_settings(), rpc_endpoints=rpc_endpoints, dry_run=True)
     devices = []
     warnings = list(plan.warnings)
     fits = plan.fits

@@ -114,3 +114,70 @@ class Plan(BaseModel):
     predicted_tokens_per_s: float | None = None
     alternatives: list[SplitEvaluation] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens one sequence may hold: the whole (shared) context when unified, else its share of it."""
+        return self.n_ctx if self.kv_unified else self.n_ctx // max(self.n_seq_max, 1)
+
+    def load_settings(
+        self,
+        *,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        use_mmap: bool = True,
+        repack: bool = True,
+    ) -> LoadSettings:
+        """What llama.cpp is opened with to allocate exactly this plan; the plan already holds every user value.
+
+        The keyword arguments are the knobs that change speed, not the placement or its memory.
+        """
+        return LoadSettings(
+            n_gpu_layers=self.n_gpu_layers,
+            split_mode=self.split_mode,
+            main_gpu=self.main_gpu,
+            tensor_split=self.tensor_split if self.devices else None,
+            n_ctx=self.n_ctx,
+            n_seq_max=self.n_seq_max,
+            n_batch=self.n_batch,
+            n_ubatch=self.n_ubatch,
+            type_k=self.type_k,
+            type_v=self.type_v,
+            # The plan resolved "auto" as llama.cpp will on these devices; pass the answer, not the question.
+            flash_attn="on" if self.flash_attn else "off",
+            kv_unified=self.kv_unified,
+            swa_full=self.swa_full,
+            n_threads=n_threads,
+            n_threads_batch=n_threads_batch,
+            use_mmap=use_mmap,
+            repack=repack,
+        )
+
+
+class LoadSettings(BaseModel):
+    """Everything llama.cpp's model and context parameters need: the one carrier from a plan to a load.
+
+    ``Plan.load_settings()`` derives it; the engine, the dry run (``tune-split --measure``) and the test bed's
+    loads all open llama.cpp through ``tuner.llamacpp.open_model`` with it. Defaults are llama.cpp's own.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_gpu_layers: int = -1  # -1: every layer (llama.cpp's "all")
+    split_mode: SplitMode = "layer"
+    main_gpu: int = Field(default=0, ge=0)
+    tensor_split: tuple[float, ...] | None = None  # None: llama.cpp splits by free memory
+    n_ctx: int = Field(default=4096, ge=0)
+    n_seq_max: int = Field(default=1, ge=1, le=256)
+    n_batch: int = Field(default=512, ge=1)
+    n_ubatch: int = Field(default=512, ge=1)
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: FlashAttn = "auto"
+    kv_unified: bool = False
+    swa_full: bool = True
+    n_threads: int | None = Field(default=None, ge=1)  # None: every CPU this process may run on
+    n_threads_batch: int | None = Field(default=None, ge=1)  # None: n_threads
+    use_mmap: bool = True
+    # llama-server's --no-repack is repack=False: CPU weights keep their file layout (no AMX/CPU_REPACK buffers).
+    repack: bool = True

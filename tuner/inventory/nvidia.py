@@ -67,6 +67,46 @@ def query_nvidia_devices(env: Mapping[str, str] | None = None) -> list[Device]:
     return select_visible(gpus, env.get("CUDA_VISIBLE_DEVICES"))
 
 
+def nvml_used_bytes() -> dict[str, int] | None:
+    """NVML "used" bytes of every NVIDIA GPU keyed by UUID and by PCI bus id; None without NVML.
+
+    Read before and after a load, the difference is what the load really took on each card (the CUDA
+    context and cuBLAS workspace included, which llama.cpp's own report leaves out).
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        log.debug("NVML unavailable: %s", exc)
+        return None
+    try:
+        used: dict[str, int] = {}
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            used_bytes = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            used[_text(pynvml.nvmlDeviceGetUUID(handle))] = used_bytes
+            raw_bus_id = getattr(pynvml.nvmlDeviceGetPciInfo(handle), "busId", None)
+            if raw_bus_id:
+                used[normalise_pci_bus_id(_text(raw_bus_id))] = used_bytes
+        return used
+    except pynvml.NVMLError as exc:
+        log.warning("NVML could not read GPU memory: %s", exc)
+        return None
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def nvml_key(device: Device) -> str | None:
+    """The key of ``device`` in nvml_used_bytes(), None for anything but an NVIDIA GPU."""
+    if device.kind != "cuda":
+        return None
+    return device.uuid or device.pci_bus_id
+
+
 def _text(value: str | bytes) -> str:
     # nvidia-ml-py decodes most strings, but struct fields such as PciInfo.busId stay bytes.
     return value.decode() if isinstance(value, bytes) else value

@@ -101,14 +101,25 @@ def probe_rpc_endpoint(endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> i
     return n_devices
 
 
+_registries: dict[str, int] = {}
+
+
 def _rpc_registry(endpoint: str, timeout_s: float) -> int:
-    """The ggml registry of one endpoint, after the socket check (add_server caches it per endpoint)."""
+    """The ggml registry of one endpoint, after the socket check (add_server caches it per endpoint).
+
+    The check runs once per process: a second connection to a server this process already uses (a model
+    loaded over it holds the first) would wait for the first to close, since a server serves one client.
+    """
     from tuner.llamacpp import libs
 
+    reg = _registries.get(endpoint)
+    if reg is not None:
+        return reg
     probe_rpc_endpoint(endpoint, timeout_s)
     reg = libs.ggml_rpc().ggml_backend_rpc_add_server(endpoint.encode())
     if not reg:
         raise InventoryError(f"llama.cpp could not register RPC endpoint {endpoint}")
+    _registries[endpoint] = reg
     return reg
 
 
@@ -122,6 +133,22 @@ def _registry_devices(reg: int) -> list[int]:
 def rpc_device_pointers(endpoints: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[int]:
     """ggml_backend_dev_t of every device of every endpoint, in order, for llama_model_params.devices."""
     return [dev for endpoint in endpoints for dev in _registry_devices(_rpc_registry(endpoint, timeout_s))]
+
+
+def device_list(endpoints: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[int]:
+    """The devices a model is loaded onto, in llama.cpp's default order: the endpoints' devices, then the GPUs.
+
+    Empty without endpoints (llama.cpp's default list then applies). RPC devices are passed explicitly
+    rather than registered globally, so that nothing else in the process starts placing layers on them.
+    """
+    if not endpoints:
+        return []
+    from tuner.llamacpp import libs
+
+    ggml, base = libs.ggml(), libs.ggml_base()
+    gpu_types = (libs.GGML_BACKEND_DEVICE_TYPE_GPU, libs.GGML_BACKEND_DEVICE_TYPE_IGPU)
+    local = [ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count())]
+    return rpc_device_pointers(endpoints, timeout_s) + [d for d in local if base.ggml_backend_dev_type(d) in gpu_types]
 
 
 _registered: set[int] = set()
