@@ -19,7 +19,7 @@ _EXPORTS = {
     "ModelRegistry": "server.registry",
     "ServedModel": "server.registry",
     "Engine": "server.engine",
-    "LlamaCppEngine": "server.engine",
+    "WorkerEngine": "server.engine.client",
     "GenerationRequest": "server.engine",
     "ServerError": "server.errors",
     "ConfigError": "server.errors",
@@ -28,12 +28,12 @@ __all__ = [
     "ConfigError",
     "Engine",
     "GenerationRequest",
-    "LlamaCppEngine",
     "ModelRegistry",
     "ModelSettings",
     "ServedModel",
     "ServerError",
     "Settings",
+    "WorkerEngine",
     "create_app",
     "load_settings",
 ]
@@ -41,7 +41,8 @@ __all__ = [
 if TYPE_CHECKING:
     from server.app import create_app
     from server.config import ModelSettings, Settings, load_settings
-    from server.engine import Engine, GenerationRequest, LlamaCppEngine
+    from server.engine import Engine, GenerationRequest
+    from server.engine.client import WorkerEngine
     from server.errors import ConfigError, ServerError
     from server.registry import ModelRegistry, ServedModel
 

@@ -7,17 +7,13 @@ where it can be called, else its log lines to 0.01 MiB), and NVML's used-memory 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
-from types import ModuleType
-from typing import Any
 
 from pydantic import BaseModel
 
-from tuner.devices import Device
-from tuner.llamacpp.buffer_log import BufferReport, BufferSizes
-from tuner.plan import Plan
+from tuner import Device, Plan, nvml_key
+from tuner.llamacpp import BufferReport, BufferSizes
 
 log = logging.getLogger("llamasplit.allocation")
 
@@ -81,7 +77,7 @@ def build_memory_report(
                 row.actual = sizes
                 row.actual_bytes = sizes.total_bytes
         device = devices[dp.index] if dp.index < len(devices) else None
-        key = _nvml_key(device)
+        key = nvml_key(device) if device is not None else None
         if key is not None and nvml_before is not None and nvml_after is not None and key in nvml_after:
             row.nvml_used_bytes = nvml_after[key] - nvml_before.get(key, 0)
         rows.append(row)
@@ -123,59 +119,3 @@ def fill_plan_actuals(plan: Plan, memory: MemoryReport) -> Plan:
                 actual["nvml_used_bytes"] = row.nvml_used_bytes
         devices.append(dp.model_copy(update={"actual_bytes": actual}))
     return plan.model_copy(update={"devices": devices})
-
-
-# --- NVML ------------------------------------------------------------------------------------------------
-
-
-def _nvml_key(device: Device | None) -> str | None:
-    if device is None or device.kind != "cuda":
-        return None
-    return device.uuid or device.pci_bus_id
-
-
-def nvml_used_bytes() -> dict[str, int] | None:
-    """NVML "used" bytes of every NVIDIA GPU keyed by UUID and by PCI bus id; None without NVML."""
-    pynvml = _import_pynvml()
-    if pynvml is None:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        log.debug("NVML unavailable: %s", exc)
-        return None
-    try:
-        used: dict[str, int] = {}
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            used_bytes = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-            used[_text(pynvml.nvmlDeviceGetUUID(handle))] = used_bytes
-            bus_id = _bus_id(pynvml.nvmlDeviceGetPciInfo(handle))
-            if bus_id:
-                used[bus_id] = used_bytes
-        return used
-    except pynvml.NVMLError as exc:
-        log.warning("NVML could not read GPU memory: %s", exc)
-        return None
-    finally:
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
-
-
-def _import_pynvml() -> ModuleType | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    return pynvml
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _bus_id(pci_info: Any) -> str | None:
-    from tuner.inventory.nvidia import normalise_pci_bus_id
-
-    raw = getattr(pci_info, "busId", None)
-    return normalise_pci_bus_id(_text(raw)) if raw else None

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import ApiKeyChecker
 from server.config import Settings
+from server.engine import EngineStats, StepStats
 from server.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
@@ -29,7 +30,7 @@ from server.errors import (
     param_path,
 )
 from server.metrics import Metrics, gauge
-from server.registry import ModelRegistry
+from server.registry import ModelRegistry, ServedModel
 from server.routes import AppState, api, ops
 
 log = logging.getLogger("llamasplit.app")
@@ -45,7 +46,13 @@ def create_app(
     """Build the app; ``registry`` defaults to planning the models the settings name."""
     registry = registry if registry is not None else ModelRegistry.plan(settings)
     metrics = Metrics()
-    metrics.add_live_collector(lambda: live_metrics(registry))
+    metrics.add_live_collector(lambda: live_metrics(registry, metrics))
+
+    def on_step(alias: str, step: StepStats | None, _stats: EngineStats | None) -> None:
+        if step is not None:
+            metrics.observe_step(alias, step)
+
+    registry.step_observer = on_step
     state = AppState(settings=settings, registry=registry, metrics=metrics, auth=ApiKeyChecker(settings.api_keys))
 
     @asynccontextmanager
@@ -128,15 +135,37 @@ class RequestMetrics:
             self.metrics.requests.labels(path, scope["method"], str(status["code"])).inc()
 
 
-def live_metrics(registry: ModelRegistry) -> Iterable[Metric]:
-    """Gauges read at scrape time: readiness, queue depth, running requests, memory predicted vs actual."""
+def live_metrics(registry: ModelRegistry, metrics: Metrics) -> Iterable[Metric]:
+    """Gauges read at scrape time: readiness, the engine's accounting, throughput, memory predicted vs actual."""
     models = list(registry.models.values())
+    stats = {m.alias: m.engine.stats() if m.engine is not None else None for m in models}
+
+    def per_model(value: Callable[[ServedModel, EngineStats | None], float]) -> list[tuple[list[str], float]]:
+        return [([m.alias], value(m, stats[m.alias])) for m in models]
+
     yield gauge("llamasplit_model_ready", "1 when the model is loaded", ["model"],
-                [([m.alias], float(m.state == "ready")) for m in models])  # fmt: skip
-    yield gauge("llamasplit_queue_depth", "Requests waiting for a slot", ["model"],
-                [([m.alias], float(m.queue.waiting if m.queue else 0)) for m in models])  # fmt: skip
-    yield gauge("llamasplit_requests_running", "Requests holding a slot", ["model"],
-                [([m.alias], float(m.queue.running if m.queue else 0)) for m in models])  # fmt: skip
+                per_model(lambda m, _: float(m.state == "ready")))  # fmt: skip
+    yield gauge("llamasplit_queue_depth", "Requests waiting for a sequence (HTTP queue and engine queue)", ["model"],
+                per_model(lambda m, s: float((m.queue.waiting if m.queue else 0) + (s.waiting_requests if s else 0))),
+                )  # fmt: skip
+    yield gauge("llamasplit_requests_running", "Requests holding a place in the batch", ["model"],
+                per_model(lambda m, _: float(m.queue.running if m.queue else 0)))  # fmt: skip
+    yield gauge("llamasplit_sequences", "llama.cpp sequences of the context (parallel slots)", ["model"],
+                per_model(lambda m, s: float(s.sequences if s else m.plan.n_seq_max)))  # fmt: skip
+    yield gauge("llamasplit_sequences_busy", "Sequences serving a request in the engine", ["model"],
+                per_model(lambda _, s: float(s.busy_sequences if s else 0)))  # fmt: skip
+    yield gauge("llamasplit_kv_cells", "KV cache cells, all sequences together", ["model"],
+                per_model(lambda m, s: float(s.kv_cells if s else m.plan.n_ctx)))  # fmt: skip
+    yield gauge("llamasplit_kv_cells_used", "KV cells held by running requests", ["model"],
+                per_model(lambda _, s: float(s.kv_cells_busy if s else 0)))  # fmt: skip
+    yield gauge("llamasplit_kv_cells_cached", "KV cells kept by idle sequences for prompt-prefix reuse", ["model"],
+                per_model(lambda _, s: float(s.kv_cells_cached if s else 0)))  # fmt: skip
+    yield gauge("llamasplit_kv_cells_untracked", "KV cells llama.cpp holds that the engine does not track (a leak)",
+                ["model"], per_model(lambda _, s: float(s.kv_cells_untracked if s else 0)))  # fmt: skip
+    yield gauge("llamasplit_prompt_tokens_per_second", "Prompt tokens processed per second, last 10 s", ["model"],
+                per_model(lambda m, _: metrics.throughput(m.alias)[0]))  # fmt: skip
+    yield gauge("llamasplit_generated_tokens_per_second", "Tokens generated per second, last 10 s", ["model"],
+                per_model(lambda m, _: metrics.throughput(m.alias)[1]))  # fmt: skip
     predicted: list[tuple[list[str], float]] = []
     actual: list[tuple[list[str], float]] = []
     for m in models:

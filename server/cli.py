@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-key-file", type=Path, help="file with one API key per line")
     add("--insecure", action="store_true", default=None, help="allow a non-loopback bind without an API key")
     add("-c", "--ctx", "--ctx-size", dest="ctx", type=int, help="context size in tokens (default: tuner)")
-    add("-np", "--parallel", type=int, help="parallel sequences (slots) per model")
+    add("-np", "--parallel", type=int, help="parallel sequences per model, decoded in one batch (default 4)")
+    add("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=None,
+        help="one KV cache shared by all sequences (each may then use the whole context)")
+    add("--no-kv-unified", dest="kv_unified", action="store_false", help="one KV cache per sequence (default)")
+    add("--step-tokens", type=int, help="tokens per batching step: prompt chunks share it with running streams")
     add("-t", "--threads", type=int, help="CPU threads for generation")
     add("-tb", "--threads-batch", type=int, help="CPU threads for prompt processing")
     add("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, help="layers to offload")
@@ -79,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The flags the user gave, as Settings keys (unset flags are left out so lower sources apply)."""
     keys = (
-        "config", "models_dir", "host", "port", "insecure", "ctx", "parallel", "threads", "threads_batch",
+        "config", "models_dir", "host", "port", "insecure", "ctx", "parallel", "kv_unified", "step_tokens",
+        "threads", "threads_batch",
         "n_gpu_layers", "tensor_split", "main_gpu", "split_mode", "cache_type_k", "cache_type_v", "flash_attn",
         "batch_size", "ubatch_size", "rpc", "repack", "reserve_mib", "max_queue", "max_body_bytes", "log_level",
     )  # fmt: skip
@@ -111,7 +116,7 @@ def _model_entry(spec: str, alias: str | None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tuner.inventory.nvidia import use_pci_bus_order
+    from tuner import use_pci_bus_order
 
     # Before llama.cpp initialises CUDA: number GPUs as the tuner's inventory does (PCI bus order).
     use_pci_bus_order()
@@ -121,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from tuner.errors import TunerError
+        from tuner import TunerError
 
         if args.debug:
             raise

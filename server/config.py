@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from server.errors import ConfigError
-from tuner.plan import CACHE_TYPES, FlashAttn, SplitMode
+from tuner import CACHE_TYPES, FlashAttn, SplitMode
 
 ENV_PREFIX = "LLAMASPLIT_"
 MiB = 1024 * 1024
@@ -47,7 +47,13 @@ class ModelOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     ctx: int | None = Field(default=None, ge=1, description="context size in tokens, shared by the slots")
-    parallel: int | None = Field(default=None, ge=1, le=256, description="parallel sequences (slots)")
+    parallel: int | None = Field(default=None, ge=1, le=256, description="parallel sequences (default 4)")
+    kv_unified: bool | None = Field(
+        default=None, description="one KV cache shared by all sequences (default: one per sequence)"
+    )
+    step_tokens: int | None = Field(
+        default=None, ge=1, description="tokens per batching step (default: the physical batch, --ubatch-size)"
+    )
     n_gpu_layers: int | None = Field(default=None, ge=0)
     tensor_split: tuple[float, ...] | None = None
     main_gpu: int | None = Field(default=None, ge=0)

@@ -12,7 +12,8 @@ Hierarchy (HTTP status, OpenAI ``type`` / ``code``)::
     ├── PayloadTooLargeError        413 code request_too_large; the body exceeds max_body_bytes
     ├── QueueFullError              429 (or 503) code queue_full, with Retry-After; the model's queue is full
     ├── ModelNotReadyError          503 code model_loading, with Retry-After; the model is still loading
-    ├── EngineError                 500 server_error; llama.cpp failed while generating (not the client's fault)
+    ├── EngineFailedError           500 server_error; the engine failed while generating (not the client's fault)
+    │   └── EngineGoneError         503 code engine_died; the engine process died; the model must be reloaded
     └── ConfigError                 start-up only: the configuration is invalid or no model can be found;
                                     the CLI prints it on one line and exits 2
 
@@ -28,6 +29,8 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
+
+from server.engine.errors import EngineDeadError, EngineError, EngineRequestError
 
 
 class ServerError(Exception):
@@ -125,8 +128,18 @@ class ModelNotReadyError(ServerError):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
-class EngineError(ServerError):
+class EngineFailedError(ServerError):
     """The inference engine failed (llama.cpp returned an error); never caused by client input."""
+
+
+class EngineGoneError(EngineFailedError):
+    """The engine process died under the request (a crash in llama.cpp, a dead RPC server)."""
+
+    status_code = 503
+    default_code = "engine_died"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class ConfigError(ServerError):
@@ -155,6 +168,13 @@ def sse_error(exc: BaseException) -> str:
 def _as_server_error(exc: BaseException) -> ServerError:
     if isinstance(exc, ServerError):
         return exc
+    if isinstance(exc, EngineError):
+        # The engine's own words: they name the model's limits or llama.cpp's failure, never client data.
+        if isinstance(exc, EngineRequestError):
+            return InvalidRequestError(exc.message, param=exc.param)
+        if isinstance(exc, EngineDeadError):
+            return EngineGoneError(exc.message)
+        return EngineFailedError(exc.message)
     if isinstance(exc, ValidationError):
         return from_validation_error(exc)
     # Never echo the text of an unexpected exception: it may hold paths or memory addresses.

@@ -6,11 +6,16 @@ live state (queue depth, memory) are read at scrape time from the registry of mo
 
 from __future__ import annotations
 
+import collections
+import threading
+import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from server.engine import StepStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -18,6 +23,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # prompt, partly on CPU); inter-token latency from 5 ms (fast GPU) to 2 s (CPU offload).
 TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 ITL_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2)
+# Tokens in one batching step: 1 (a lone stream) up to the physical batch (a prompt chunk).
+STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+THROUGHPUT_WINDOW_S = 10.0
 
 
 class Metrics:
@@ -55,6 +63,51 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+
+        self.step_tokens = Histogram(
+            "llamasplit_batch_tokens",
+            "Tokens decoded per batching step (batch fill): running streams plus prompt chunks",
+            ["model"],
+            buckets=STEP_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_sequences = Histogram(
+            "llamasplit_batch_sequences",
+            "Streams that advanced by one token in a batching step",
+            ["model"],
+            buckets=STEP_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "llamasplit_step_seconds",
+            "Wall time of one batching step (llama_decode plus sampling)",
+            ["model"],
+            buckets=ITL_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._window: dict[str, collections.deque[tuple[float, int, int]]] = {}
+        self._window_lock = threading.Lock()
+
+    def observe_step(self, model: str, step: StepStats) -> None:
+        """Record one batching step of ``model`` (called from the engine's reader thread)."""
+        self.step_tokens.labels(model).observe(step.batch_tokens)
+        self.step_sequences.labels(model).observe(step.decode_sequences)
+        self.step_seconds.labels(model).observe(step.step_s)
+        now = time.monotonic()
+        with self._window_lock:
+            window = self._window.setdefault(model, collections.deque())
+            window.append((now, step.prompt_tokens, step.decode_sequences))
+            while window and window[0][0] < now - THROUGHPUT_WINDOW_S:
+                window.popleft()
+
+    def throughput(self, model: str) -> tuple[float, float]:
+        """(prompt, generated) tokens per second over the last THROUGHPUT_WINDOW_S seconds."""
+        now = time.monotonic()
+        with self._window_lock:
+            window = [entry for entry in self._window.get(model, ()) if entry[0] >= now - THROUGHPUT_WINDOW_S]
+        prompt = sum(entry[1] for entry in window)
+        generated = sum(entry[2] for entry in window)
+        return prompt / THROUGHPUT_WINDOW_S, generated / THROUGHPUT_WINDOW_S
 
     def add_live_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_Live(collect))

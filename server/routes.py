@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -23,7 +23,8 @@ from starlette.types import Receive, Scope, Send
 from server import serving
 from server.auth import ApiKeyChecker
 from server.config import Settings
-from server.errors import InvalidRequestError, PayloadTooLargeError, from_validation_error
+from server.engine import EngineError
+from server.errors import InvalidRequestError, PayloadTooLargeError, ServerError, from_validation_error
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import UNION_HINTS, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.registry import ModelRegistry, ServedModel
@@ -216,15 +217,18 @@ async def completions(request: Request) -> Response:
 
 
 def _card(model: ServedModel) -> ModelCard:
+    status = {"ready": "ready", "failed": "failed", "unloaded": "unloaded"}.get(model.state, "loading")
     return ModelCard(
         id=model.alias,
         created=model.created_s,
-        status="ready" if model.state == "ready" else "failed" if model.state == "failed" else "loading",
+        status=status,
         path=str(model.path),
-        n_ctx=model.params.n_ctx,
+        n_ctx=model.plan.n_ctx,
         n_ctx_per_seq=model.n_ctx_per_seq,
-        parallel=model.params.n_seq_max,
+        parallel=model.plan.n_seq_max,
+        kv_unified=model.plan.kv_unified,
         chat_template=model.engine.chat_template_source() if model.engine is not None else None,  # type: ignore[arg-type]
+        error=model.error,
     )
 
 
@@ -251,7 +255,7 @@ async def get_plan(request: Request) -> dict[str, Any]:
                 "model": model.alias,
                 "status": model.state,
                 "error": model.error,
-                "load_params": model.params.__dict__,
+                "load_settings": model.load_settings.model_dump(mode="json"),
                 "plan": model.plan.model_dump(mode="json"),
                 "memory": model.memory.model_dump(mode="json") if model.memory is not None else None,
             }
@@ -264,13 +268,47 @@ async def get_plan(request: Request) -> dict[str, Any]:
 
 @ops.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 when every model is loaded; 503 (with Retry-After) while loading or after a failed load."""
+    """200 when every model is loaded; 503 (with Retry-After) while loading, unloaded, or after a failure."""
     registry = app_state(request).registry
     models = {m.alias: m.state for m in registry.models.values()}
+    errors = {m.alias: m.error for m in registry.models.values() if m.error}
+    body: dict[str, Any] = {"models": models}
+    if errors:
+        body["errors"] = errors
     if registry.ready:
-        return JSONResponse({"status": "ok", "models": models})
+        return JSONResponse({"status": "ok", **body})
     status = "error" if registry.failed else "loading"
-    return JSONResponse({"status": status, "models": models}, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"status": status, **body}, status_code=503, headers={"Retry-After": "5"})
+
+
+class ModelAction(BaseModel):
+    """The body of POST /models/load and /models/unload (llama-server's router uses the same)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+
+
+@ops.post("/models/load", dependencies=[Depends(require_api_key)])
+async def load_model(request: Request) -> ModelCard:
+    """Load a model that is unloaded or whose engine died; returns its card once it is ready."""
+    state = app_state(request)
+    action = parse_request(ModelAction, await read_json_object(request, state.settings.max_body_bytes))
+    state.registry.find(action.model)
+    try:
+        model = await run_in_threadpool(state.registry.load_model, action.model)
+    except EngineError as exc:
+        raise ServerError(f"loading {action.model} failed: {exc.message}") from exc
+    return _card(model)
+
+
+@ops.post("/models/unload", dependencies=[Depends(require_api_key)])
+async def unload_model(request: Request) -> ModelCard:
+    """Unload a model: its requests in flight end, its memory is freed."""
+    state = app_state(request)
+    action = parse_request(ModelAction, await read_json_object(request, state.settings.max_body_bytes))
+    state.registry.find(action.model)
+    return _card(await run_in_threadpool(state.registry.unload_model, action.model))
 
 
 @ops.get("/metrics", dependencies=[Depends(require_api_key)])

@@ -14,6 +14,7 @@ from typing import Any
 
 from server.admission import Admission
 from server.engine import (
+    Engine,
     FinishEvent,
     GenerationEvent,
     GenerationRequest,
@@ -22,7 +23,7 @@ from server.engine import (
     TokenEvent,
     TokenLogprob,
 )
-from server.errors import ContextLengthError, InvalidRequestError, sse_error
+from server.errors import ContextLengthError, InvalidRequestError, ModelNotReadyError, sse_error
 from server.metrics import Metrics
 from server.protocol import (
     AssistantMessage,
@@ -60,6 +61,7 @@ class Prepared:
     """A validated request, ready for the engine."""
 
     model: ServedModel
+    engine: Engine  # taken once: the model's engine may be replaced (reloaded) while the request runs
     generation: GenerationRequest
     received_s: float  # time.perf_counter() when the request arrived (time-to-first-token starts here)
     include_usage: bool = False
@@ -89,8 +91,7 @@ def template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s: float) -> Prepared:
-    engine = model.engine
-    assert engine is not None
+    engine = engine_of(model)
     prompt = engine.encode_chat(template_messages(request))
     limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     max_tokens = request.completion_limit()
@@ -104,10 +105,10 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s:
         constraint=output_constraint(request),
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
-    engine.check(generation)
     return Prepared(
         model=model,
-        generation=generation,
+        engine=engine,
+        generation=engine.prepare(generation),
         received_s=received_s,
         include_usage=request.include_usage(),
         top_logprobs=request.top_logprobs or 0,
@@ -116,19 +117,12 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s:
 
 
 def prepare_completion(request: CompletionRequest, model: ServedModel, received_s: float) -> Prepared:
-    engine = model.engine
-    assert engine is not None
+    engine = engine_of(model)
     prompt_value = request.prompt_value()
     if isinstance(prompt_value, str):
         prompt = engine.encode_text(prompt_value)
         echo_text = prompt_value
     else:
-        bad = [t for t in prompt_value if t >= engine.n_vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt holds token id {bad[0]}, but this model's ids run from 0 to {engine.n_vocab - 1}",
-                param="prompt",
-            )
         prompt = list(prompt_value)
         echo_text = engine.decode_tokens(prompt) if request.echo else ""
     if not prompt:
@@ -142,16 +136,23 @@ def prepare_completion(request: CompletionRequest, model: ServedModel, received_
         constraint=output_constraint(request),
         logprobs=request.logprobs,
     )
-    engine.check(generation)
     return Prepared(
         model=model,
-        generation=generation,
+        engine=engine,
+        generation=engine.prepare(generation),
         received_s=received_s,
         include_usage=request.include_usage(),
         top_logprobs=request.logprobs or 0,
         echo_text=echo_text if request.echo else "",
         id=new_id("cmpl"),
     )
+
+
+def engine_of(model: ServedModel) -> Engine:
+    engine = model.engine
+    if engine is None:  # it died or was unloaded after the registry handed the model out
+        raise ModelNotReadyError(f"the model {model.alias!r} is not loaded: {model.error or 'unloaded'}")
+    return engine
 
 
 def check_context(n_prompt: int, max_tokens: int | None, n_ctx: int, *, prompt_param: str, limit_param: str) -> None:
@@ -206,8 +207,7 @@ def output_constraint(request: ChatCompletionRequest | CompletionRequest) -> Out
 async def events(prepared: Prepared, admission: Admission, metrics: Metrics) -> AsyncIterator[GenerationEvent]:
     """Wait for a slot, run the engine, record metrics; closing this iterator cancels the generation."""
     model = prepared.model
-    engine = model.engine
-    assert engine is not None
+    engine = prepared.engine
     label = model.alias
     async with admission:
         stream = engine.generate(prepared.generation)

@@ -60,7 +60,8 @@ class Candidate:
 def resolve_settings(
     model: ModelInfo, devices: Sequence[Device], request: PlanRequest, n_ctx: int | None = None
 ) -> RuntimeSettings:
-    n_ctx = n_ctx or request.n_ctx or min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX)
+    # Unset, every sequence gets the default context (4096, or the training context if smaller) at once.
+    n_ctx = n_ctx or request.n_ctx or min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX) * request.n_seq_max
     # "auto": llama.cpp probes the fused op on each layer's device and enables it when every device runs it;
     # the CPU, RPC (CPU-backed), CUDA and HIP backends all do.
     flash_attn = request.flash_attn != "off"

@@ -122,6 +122,7 @@ def render_plan(plan: Plan, width: int | None = None) -> RenderableType:
     speed = f", ~{plan.predicted_tokens_per_s:.0f} tokens/s single stream" if show_speed else ""
     verdict_style = "bold green" if plan.fits else "bold red"
     lines.append(Text(f"{'FITS' if plan.fits else 'DOES NOT FIT'} — {plan.verdict}{speed}", style=verdict_style))
+    lines.append(Text(concurrency_line(plan)))
     prefix = "CUDA_DEVICE_ORDER=PCI_BUS_ID " if any(d.backend == "cuda" for d in plan.devices) else ""
     command = prefix + "llama-server " + " ".join(shlex.quote(f) for f in plan_flags(plan))
     lines.append(Text(f"llama-server flags: {command}", style="dim"))
@@ -133,6 +134,23 @@ def render_plan(plan: Plan, width: int | None = None) -> RenderableType:
         lines.append(Text(f"  split {alternative.split_mode:<5} {fits:<12} {rate:<12} {alternative.note}", "dim"))
     lines.extend(Text(f"warning: {w}", style="yellow") for w in plan.warnings)
     return Group(*lines)
+
+
+def concurrency_line(plan: Plan) -> str:
+    """How many users the plan's KV cache holds at once, and at what context each."""
+    if plan.n_seq_max == 1:
+        return f"concurrency: 1 request at a time, up to {plan.n_ctx:,} tokens"
+    if plan.kv_unified:
+        each = plan.n_ctx // plan.n_seq_max
+        longest = min(plan.n_ctx, plan.n_ctx_train or plan.n_ctx)
+        return (
+            f"concurrency: {plan.n_seq_max} requests decoded together, sharing one cache of {plan.n_ctx:,} tokens: "
+            f"{plan.n_seq_max} at {each:,} tokens each, or one up to {longest:,}"
+        )
+    return (
+        f"concurrency: {plan.n_seq_max} requests decoded together, up to {plan.n_ctx_seq:,} tokens each "
+        f"({plan.n_ctx:,} in all)"
+    )
 
 
 def _split_text(plan: Plan) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from server.errors import ConfigError, InvalidRequestError
+from server.engine.errors import EngineError, EngineRequestError
 
 TemplateSource = Literal["config", "gguf", "fallback"]
 
@@ -73,7 +73,7 @@ class ChatTemplate:
             try:
                 return cls(text, "config", bos_token=bos_token, eos_token=eos_token)
             except jinja2.TemplateSyntaxError as exc:
-                raise ConfigError(f"chat_template does not compile: {exc.message} (line {exc.lineno})") from exc
+                raise EngineError(f"chat_template does not compile: {exc.message} (line {exc.lineno})") from exc
         if gguf_template:
             try:
                 return cls(gguf_template, "gguf", bos_token=bos_token, eos_token=eos_token)
@@ -91,11 +91,11 @@ class ChatTemplate:
                 eos_token=self.eos_token,
             )
         except _TemplateRaised as exc:
-            raise InvalidRequestError(
+            raise EngineRequestError(
                 f"the model's chat template refused the messages: {exc}", param="messages"
             ) from exc
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise InvalidRequestError(
+            raise EngineRequestError(
                 f"the model's chat template could not render these messages ({type(exc).__name__}: {exc}); "
                 "check the roles and their order",
                 param="messages",
@@ -110,4 +110,4 @@ def _read_configured(value: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"chat_template {value!r} is neither a Jinja template nor a readable file: {exc}") from exc
+        raise EngineError(f"chat_template {value!r} is neither a Jinja template nor a readable file: {exc}") from exc

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from server.allocation import build_memory_report, fill_plan_actuals, nvml_used_bytes
+from server.allocation import build_memory_report, fill_plan_actuals
 from tests.kit import synth
-from tuner import PlanRequest, plan_model
+from tuner import PlanRequest, nvml_used_bytes, plan_model
 from tuner.devices import Device
 from tuner.llamacpp.buffer_log import parse_log
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from server import errors
-from server.engine import GenerationRequest, TokenEvent
+from server.engine import EngineDeadError, EngineError, EngineRequestError, GenerationRequest, TokenEvent
 from server.serving import Prepared, chat_sse, completion_sse
 
 ALL_ERRORS = [
@@ -25,7 +25,15 @@ ALL_ERRORS = [
     (errors.QueueFullError("busy", retry_after_s=2), 429, "rate_limit_error", "queue_full"),
     (errors.QueueFullError("busy", retry_after_s=2, status_code=503), 503, "rate_limit_error", "queue_full"),
     (errors.ModelNotReadyError("loading"), 503, "server_error", "model_loading"),
-    (errors.EngineError("decode failed"), 500, "server_error", None),
+    (errors.EngineFailedError("decode failed"), 500, "server_error", None),
+    (errors.EngineGoneError("the engine process was killed by SIGKILL"), 503, "server_error", "engine_died"),
+]
+
+# What the engine raises (plain Python, no HTTP) and what the client is told.
+ENGINE_ERRORS = [
+    (EngineRequestError("logit_bias key 99999 is not a token id", param="logit_bias"), 400, "invalid_request_error"),
+    (EngineDeadError("the engine process is gone"), 503, "server_error"),
+    (EngineError("llama_decode returned -3"), 500, "server_error"),
 ]
 
 
@@ -43,6 +51,15 @@ def test_every_error_class_has_its_status_type_and_code(
         assert response.headers["Retry-After"]
 
 
+@pytest.mark.parametrize(("exc", "status", "kind"), ENGINE_ERRORS, ids=[type(e[0]).__name__ for e in ENGINE_ERRORS])
+def test_engine_errors_keep_their_words_and_get_their_status(exc: EngineError, status: int, kind: str) -> None:
+    response = errors.error_response(exc)
+    assert response.status_code == status
+    body = json.loads(bytes(response.body))["error"]
+    assert (body["message"], body["type"]) == (exc.message, kind)
+    assert body["param"] == getattr(exc, "param", None)
+
+
 def test_unexpected_exceptions_become_a_generic_500_without_their_text() -> None:
     response = errors.error_response(RuntimeError("/secret/path 0xdeadbeef"))
     assert response.status_code == 500
@@ -50,12 +67,17 @@ def test_unexpected_exceptions_become_a_generic_500_without_their_text() -> None
 
 
 def _prepared() -> Prepared:
-    return Prepared(model=SimpleNamespace(alias="m"), generation=GenerationRequest((1,), 4), received_s=0.0)  # type: ignore[arg-type]
+    return Prepared(
+        model=SimpleNamespace(alias="m"),  # type: ignore[arg-type]
+        engine=SimpleNamespace(),  # type: ignore[arg-type]
+        generation=GenerationRequest((1,), 4),
+        received_s=0.0,
+    )
 
 
 async def _failing_stream() -> AsyncIterator[Any]:
     yield TokenEvent(token_id=5, text="Hel", logprob=None, time_s=0.0)
-    raise errors.EngineError("llama_decode returned -3")
+    raise EngineError("llama_decode returned -3")
 
 
 @pytest.mark.parametrize("sse", [chat_sse, completion_sse], ids=["chat", "completion"])

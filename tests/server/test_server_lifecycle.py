@@ -12,8 +12,9 @@ import openai
 import pytest
 
 from server.app import create_app
-from server.registry import ModelRegistry, find_models, gguf_files, model_alias
+from server.registry import ModelRegistry, find_models
 from tests.server.support import LiveServer, make_settings
+from tuner import GGUFError, gguf_files, model_alias
 from tuner.errors import DoesNotFitError
 
 pytestmark = pytest.mark.llama
@@ -81,8 +82,11 @@ def test_incomplete_split_model_is_a_config_error(tmp_path: Path) -> None:
 
     (tmp_path / "big-00001-of-00003.gguf").write_bytes(b"")
     (tmp_path / "big-00003-of-00003.gguf").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"big-00002-of-00003\.gguf missing"):
+    with pytest.raises(GGUFError, match=r"big-00002-of-00003\.gguf missing"):
         gguf_files(tmp_path)
+    # Serving that folder is a configuration error with the same words (exit 2).
+    with pytest.raises(ConfigError, match=r"big-00002-of-00003\.gguf missing"):
+        find_models(make_settings(models_dir=tmp_path))
 
 
 def test_without_any_model_the_default_is_smollm2(tmp_path: Path, smollm2: Path) -> None:

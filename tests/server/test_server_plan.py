@@ -19,8 +19,8 @@ def test_plan_endpoint_has_the_plan_and_what_llama_cpp_allocated(http: httpx.Cli
     assert entry["model"] == ALIAS and entry["status"] == "ready" and entry["error"] is None
     plan = entry["plan"]
     assert plan["n_ctx"] == CTX and plan["n_seq_max"] == 1 and plan["n_layer"] == N_LAYER
-    assert entry["load_params"]["n_ctx"] == CTX
-    assert entry["load_params"]["n_gpu_layers"] == plan["n_gpu_layers"]
+    assert entry["load_settings"]["n_ctx"] == CTX
+    assert entry["load_settings"]["n_gpu_layers"] == plan["n_gpu_layers"]
     memory = entry["memory"]
     buffers = memory["buffers"]
     # llama.cpp's own report: the KV cache it allocated is exactly what the hyper-parameters say.

@@ -1,16 +1,21 @@
 """Chat templates: the GGUF's own, a configured one (inline or a file), the ChatML fallback for a model
-without one (Gemma-3-270M is a base model), and a template that refuses a conversation (a 400)."""
+without one (Gemma-3-270M is a base model), and a template that refuses a conversation (a 400).
+
+The templates live on the tokenizer side, in the HTTP process; generation runs in a real engine process."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from server.chat_template import CHATML_STOP, ChatTemplate
-from server.engine import FinishEvent, GenerationRequest, LlamaCppEngine, LoadParams, SamplingParams, TokenEvent
-from server.errors import ConfigError, InvalidRequestError
+from server.engine import EngineError, EngineRequestError, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from server.engine.chat_template import CHATML_STOP, ChatTemplate
+from server.engine.client import WorkerEngine, WorkerProcess
+from server.engine.vocab import Tokenizer
+from tuner import LoadSettings
 
 pytestmark = pytest.mark.llama
 
@@ -22,7 +27,7 @@ STRICT = (
 )
 
 
-def run(engine: LlamaCppEngine, request: GenerationRequest) -> tuple[str, FinishEvent]:
+def run(engine: WorkerEngine, request: GenerationRequest) -> tuple[str, FinishEvent]:
     async def collect() -> tuple[str, FinishEvent]:
         text, finish = [], None
         async for event in engine.generate(request):
@@ -36,21 +41,31 @@ def run(engine: LlamaCppEngine, request: GenerationRequest) -> tuple[str, Finish
 
 
 @pytest.fixture(scope="module")
-def smol_engine(smollm2: Path):  # type: ignore[no-untyped-def]
-    engine = LlamaCppEngine.load(smollm2, LoadParams(n_ctx=512), name="smol", chat_template=STRICT)
+def worker() -> Iterator[WorkerProcess]:
+    process = WorkerProcess("templates", log_level="WARNING")
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def smol_engine(smollm2: Path, worker: WorkerProcess) -> Iterator[WorkerEngine]:
+    engine, _ = WorkerEngine.load(worker, "smol-strict", smollm2, LoadSettings(n_ctx=512), chat_template=STRICT)
     yield engine
     engine.close()
 
 
-def test_configured_template_renders_the_prompt(smol_engine: LlamaCppEngine) -> None:
-    assert smol_engine.chat_template_source() == "config"
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    tokens = smol_engine.encode_chat(messages)
-    assert smol_engine.decode_tokens(tokens) == "[system] Be brief.\n[user] Hi\n[assistant] "
+def test_configured_template_renders_the_prompt(smollm2: Path) -> None:
+    tokenizer = Tokenizer(smollm2, chat_template=STRICT)
+    try:
+        assert tokenizer.template.source == "config"
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        assert tokenizer.decode_tokens(tokenizer.encode_chat(messages)) == "[system] Be brief.\n[user] Hi\n[assistant] "
+    finally:
+        tokenizer.close()
 
 
-def test_template_that_refuses_the_messages_is_a_400_with_its_words(smol_engine: LlamaCppEngine) -> None:
-    with pytest.raises(InvalidRequestError) as info:
+def test_template_that_refuses_the_messages_is_a_400_with_its_words(smol_engine: WorkerEngine) -> None:
+    with pytest.raises(EngineRequestError) as info:
         smol_engine.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     assert info.value.param == "messages"
     assert "roles must alternate" in info.value.message
@@ -60,14 +75,16 @@ def test_configured_template_may_be_a_file_and_must_compile(tmp_path: Path) -> N
     path = tmp_path / "chat.jinja"
     path.write_text(STRICT)
     assert ChatTemplate.choose(str(path), None, bos_token="", eos_token="").source == "config"
-    with pytest.raises(ConfigError, match="does not compile"):
+    with pytest.raises(EngineError, match="does not compile"):
         ChatTemplate.choose("{% for %}", None, bos_token="", eos_token="")
-    with pytest.raises(ConfigError, match="neither a Jinja template nor a readable file"):
+    with pytest.raises(EngineError, match="neither a Jinja template nor a readable file"):
         ChatTemplate.choose(str(tmp_path / "missing.jinja"), None, bos_token="", eos_token="")
 
 
-def test_model_without_a_template_falls_back_to_chatml_and_stops_at_its_end_marker(gemma3: Path) -> None:
-    engine = LlamaCppEngine.load(gemma3, LoadParams(n_ctx=512), name="gemma")
+def test_model_without_a_template_falls_back_to_chatml_and_stops_at_its_end_marker(
+    gemma3: Path, worker: WorkerProcess
+) -> None:
+    engine, _ = WorkerEngine.load(worker, "gemma", gemma3, LoadSettings(n_ctx=512))
     try:
         assert engine.chat_template_source() == "fallback"
         assert engine.stop_strings() == (CHATML_STOP,)
@@ -84,21 +101,21 @@ def test_model_without_a_template_falls_back_to_chatml_and_stops_at_its_end_mark
         engine.close()
 
 
-def test_gguf_template_of_smollm2_is_used_by_default(smollm2: Path) -> None:
-    engine = LlamaCppEngine.load(smollm2, LoadParams(n_ctx=256), name="smol")
+def test_gguf_template_of_smollm2_is_used_by_default(smollm2: Path, worker: WorkerProcess) -> None:
+    engine, _ = WorkerEngine.load(worker, "smol-gguf", smollm2, LoadSettings(n_ctx=256))
     try:
         assert engine.chat_template_source() == "gguf"
         assert engine.stop_strings() == ()
         prompt = engine.decode_tokens(engine.encode_chat([{"role": "user", "content": "Hi"}]))
         assert "user\nHi" in prompt and prompt.endswith("assistant\n")
-        # A closed engine refuses work instead of touching freed memory.
     finally:
         engine.close()
-    with pytest.raises(Exception, match="shut down"):
+    # A closed engine refuses work instead of touching freed memory.
+    with pytest.raises(EngineError, match="unloaded"):
         run(engine, GenerationRequest((1, 2, 3), 1))
 
 
-def test_token_events_carry_each_sampled_token(smol_engine: LlamaCppEngine) -> None:
+def test_token_events_carry_each_sampled_token(smol_engine: WorkerEngine) -> None:
     tokens = smol_engine.encode_text("One, two, three,")
 
     async def collect() -> list[TokenEvent]:

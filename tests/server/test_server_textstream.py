@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.textstream import TextAssembler
+from server.engine.textstream import TextAssembler
 
 
 def feed(assembler: TextAssembler, pieces: list[bytes]) -> list[str]:

@@ -1,0 +1,470 @@
+"""Continuous batching over one llama_context: every step decodes the next token of every running request
+together with chunks of waiting prompts, in one ``llama_decode``.
+
+The scheduler runs in one thread that owns the context (llama.cpp contexts are not thread-safe); other
+threads only ``submit`` and ``cancel``. Each step:
+
+  Step 1: take new requests and cancellations from the inbox. A cancelled request's sequence is cleared
+          from the KV cache at once.
+  Step 2: admit waiting requests, first come first served, while a sequence is free. A sequence whose cached
+          tokens the prompt continues (the next turn of its chat) or repeats is taken, the longest shared
+          prefix first; otherwise the least recently used idle one, so that a new conversation evicts the
+          oldest cache rather than one that merely shares the system prompt.
+  Step 3: build the batch: the last sampled token of every generating request first (one each, so streams
+          never wait for prompts), then prompt chunks in admission order until the step's token budget
+          (``step_tokens``, one physical batch by default) is spent: a 4,000-token prompt is prefilled over
+          several steps while the running streams keep their pace.
+  Step 4: llama_decode. When the KV cache has no room (a unified cache shared by all sequences), free idle
+          sequences' caches, oldest first; if that is not enough, the most recently admitted request gives
+          way: a prompt still prefilling goes back to the head of the queue, a generating one ends with
+          finish reason "length". A decode error fails only the requests in that batch.
+  Step 5: sample every request whose row has logits, each with its own sampler chain; stop on end of
+          generation, a stop string, max_tokens or the sequence's context; hand all events of the step to
+          ``emit`` in one call.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.errors import EngineError
+from server.engine.protocol import (
+    EngineStats,
+    ErrorEvent,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    ModelFacts,
+    StepStats,
+    TokenEvent,
+)
+from server.engine.sampling import logprobs_of_row, sampler_chain
+from server.engine.textstream import TextAssembler
+from server.engine.vocab import token_piece
+
+log = logging.getLogger("llamasplit.engine")
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+# One call per step: the events of every request, then the step's figures and the accounting after it.
+Emit = Callable[[list[tuple[int, Event]], StepStats | None, EngineStats], None]
+
+DECODE_OK, DECODE_NO_KV_SLOT, DECODE_ABORTED = 0, 1, 2
+
+
+@dataclass
+class _Slot:
+    """One llama.cpp sequence and the tokens its KV cache holds (positions 0 .. len-1)."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    last_used_s: float = 0.0
+    active: _Active | None = None
+
+
+@dataclass
+class _Active:
+    """A request holding a slot."""
+
+    rid: int
+    request: GenerationRequest
+    slot: _Slot
+    admitted: int  # admission order: the youngest gives way when the shared cache is full
+    cached: int = 0  # prompt tokens reused from the slot's cache
+    chain: Any = None  # llama_sampler * (the request's own chain)
+    assembler: TextAssembler | None = None
+    limit: int = 0  # tokens it may generate
+    generated: int = 0
+    pending: int | None = None  # sampled, not yet decoded into the cache
+    row: int = -1  # this step's batch row that carries its logits, -1 when none
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pending is None and len(self.slot.tokens) < len(self.request.prompt_tokens)
+
+
+class BatchScheduler:
+    """Serves many requests on one llama_context with continuous batching; see the module docstring."""
+
+    def __init__(
+        self,
+        opened: Any,
+        emit: Emit,
+        *,
+        step_tokens: int | None = None,
+        seq_limit: int | None = None,
+        name: str = "model",
+    ) -> None:
+        """``opened`` is a tuner.llamacpp.OpenedModel; ``seq_limit`` caps the tokens of one sequence (the
+        model's training context, where a unified cache would allow more)."""
+        from server.engine.vocab import llama_cpp
+
+        lc = llama_cpp()
+        self._lc = lc
+        self._opened = opened  # tuner.llamacpp.OpenedModel
+        self._ctx = opened.ctx
+        self._vocab = lc.llama_model_get_vocab(opened.model)
+        self._mem = lc.llama_get_memory(self._ctx)
+        self._emit = emit
+        self.name = name
+        n_seq = lc.llama_n_seq_max(self._ctx)
+        n_batch = lc.llama_n_batch(self._ctx)
+        n_ctx_seq = lc.llama_n_ctx_seq(self._ctx)
+        self.facts = ModelFacts(
+            n_ctx=lc.llama_n_ctx(self._ctx),
+            n_ctx_seq=min(n_ctx_seq, seq_limit) if seq_limit else n_ctx_seq,
+            n_seq_max=n_seq,
+            n_vocab=lc.llama_vocab_n_tokens(self._vocab),
+            kv_unified=opened.settings.kv_unified,
+        )
+        # One physical batch per step by default: each llama_decode is then exactly one graph evaluation.
+        self.step_tokens = max(n_seq, min(step_tokens or lc.llama_n_ubatch(self._ctx), n_batch))
+        self._batch = lc.llama_batch_init(max(self.step_tokens, n_seq), 0, 1)
+        self._slots = [_Slot(i) for i in range(n_seq)]
+        self._waiting: collections.deque[tuple[int, GenerationRequest]] = collections.deque()
+        self._active: dict[int, _Active] = {}
+        self._admitted = 0
+        self._steps = 0
+        self._inbox: collections.deque[tuple[str, int, GenerationRequest | None]] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        # Set when a prompt gave way in a full cache: admit nobody until a request ends and frees cells.
+        self._wait_for_room = False
+        self._thread: threading.Thread | None = None
+        self._last_stats = self.stats()
+
+    # -- other threads --
+
+    def submit(self, rid: int, request: GenerationRequest) -> None:
+        self._post("submit", rid, request)
+
+    def cancel(self, rid: int) -> None:
+        self._post("cancel", rid, None)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"batch-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the loop; requests still running get an error event. Frees nothing (the owner closes the model)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _post(self, kind: str, rid: int, request: GenerationRequest | None) -> None:
+        with self._wake:
+            self._inbox.append((kind, rid, request))
+            self._wake.notify()
+
+    # -- the scheduler thread --
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._inbox and not self._stopping and not self._has_work():
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    inbox = list(self._inbox)
+                    self._inbox.clear()
+                self.step(inbox)
+        except BaseException as exc:  # a bug here must not leave clients waiting forever
+            log.exception("the batch scheduler of %s failed", self.name)
+            self._fail_all(f"the engine's scheduler failed: {exc}")
+            raise
+        finally:
+            self._fail_all("the model is shutting down")
+            self._lc.llama_batch_free(self._batch)
+
+    def _has_work(self) -> bool:
+        return bool(self._active) or (bool(self._waiting) and self._free_slot_exists() and not self._wait_for_room)
+
+    def step(self, inbox: Sequence[tuple[str, int, GenerationRequest | None]] = ()) -> None:
+        """One scheduler step (Steps 1 to 5 of the module docstring)."""
+        events: list[tuple[int, Event]] = []
+        # Step 1: the inbox.
+        for kind, rid, request in inbox:
+            if kind == "submit" and request is not None:
+                self._waiting.append((rid, request))
+            elif kind == "cancel":
+                self._cancel(rid)
+        # Step 2: admission.
+        while self._waiting and self._free_slot_exists() and not self._wait_for_room:
+            rid, request = self._waiting.popleft()
+            try:
+                self._admit(rid, request)
+            except EngineError as exc:
+                events.append((rid, ErrorEvent(exc.message)))
+        # Steps 3 and 4: build and decode, making room in the cache when it is full.
+        stats: StepStats | None = None
+        started = time.perf_counter()
+        while self._active:
+            entries = self._fill_batch()
+            if not entries:
+                break
+            decoding = sum(1 for active, _ in entries if active.pending is not None)
+            rc = self._lc.llama_decode(self._ctx, self._batch)
+            if rc == DECODE_OK:
+                stats_tokens = self._batch.n_tokens
+                self._commit(entries)
+                # Step 5: sampling.
+                self._sample(events)
+                stats = StepStats(
+                    batch_tokens=stats_tokens,
+                    decode_sequences=decoding,
+                    prompt_tokens=stats_tokens - decoding,
+                    step_s=time.perf_counter() - started,
+                )
+                break
+            self._forget_batch(entries)
+            if rc == DECODE_NO_KV_SLOT:
+                if not self._make_room(events):
+                    break
+                continue
+            message = f"llama_decode returned {rc} for a batch of {self._batch.n_tokens} tokens"
+            log.error("%s: %s; failing the %d request(s) in it", self.name, message, len(entries))
+            for active, _ in entries:
+                self._finish(active, events, error=message)
+            break
+        self._steps += 1
+        self._last_stats = self.stats()
+        self._emit(events, stats, self._last_stats)
+
+    def _free_slot_exists(self) -> bool:
+        return any(slot.active is None for slot in self._slots)
+
+    def _admit(self, rid: int, request: GenerationRequest) -> None:
+        prompt = list(request.prompt_tokens)
+        slot, kept = self._choose_slot(prompt)
+        self._admitted += 1
+        active = _Active(rid=rid, request=request, slot=slot, admitted=self._admitted, cached=kept)
+        room = self.facts.n_ctx_seq - len(prompt)
+        active.limit = room if request.max_tokens is None else min(request.max_tokens, room)
+        active.assembler = TextAssembler(request.stop)
+        active.chain = sampler_chain(self._lc, self._vocab, self.facts.n_vocab, self.facts.n_ctx_seq, request)
+        slot.active = active
+        slot.last_used_s = time.monotonic()
+        self._active[rid] = active
+
+    def _choose_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
+        """The idle slot for ``prompt`` (Step 2's rule), its cache trimmed to the shared prefix; (slot, kept)."""
+        idle = [s for s in self._slots if s.active is None]
+
+        def shared(slot: _Slot) -> int:
+            n = 0
+            for a, b in zip(slot.tokens, prompt, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        lengths = {s.seq_id: shared(s) for s in idle}
+        reusable = [s for s in idle if lengths[s.seq_id] and lengths[s.seq_id] >= min(len(s.tokens), len(prompt) - 1)]
+        slot = max(reusable, key=lambda s: lengths[s.seq_id]) if reusable else min(idle, key=lambda s: s.last_used_s)
+        # At least one prompt token must be decoded again: sampling needs its logits.
+        keep = min(lengths[slot.seq_id], len(prompt) - 1)
+        if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
+            # Some caches (recurrent, reduced sliding window) cannot drop a tail; start the sequence over.
+            self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            keep = 0
+        del slot.tokens[keep:]
+        return slot, keep
+
+    def _fill_batch(self) -> list[tuple[_Active, int]]:
+        """Step 3: generating requests' next tokens, then prompt chunks within the budget; (request, n tokens)."""
+        batch = self._batch
+        entries: list[tuple[_Active, int]] = []
+        n = 0
+
+        def put(active: _Active, tokens: Sequence[int], logits_last: bool) -> None:
+            nonlocal n
+            pos = len(active.slot.tokens)
+            for i, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = active.slot.seq_id
+                batch.logits[n] = logits_last and i == len(tokens) - 1
+                n += 1
+            active.row = n - 1 if logits_last else -1
+            entries.append((active, len(tokens)))
+
+        ordered = sorted(self._active.values(), key=lambda a: a.admitted)
+        for active in ordered:
+            active.row = -1
+            if active.pending is not None:
+                put(active, [active.pending], True)
+        budget = self.step_tokens - n
+        for active in ordered:
+            if budget <= 0:
+                break
+            if not active.prefilling:
+                continue
+            prompt = active.request.prompt_tokens
+            remaining = prompt[len(active.slot.tokens) :]
+            chunk = remaining[:budget]
+            put(active, chunk, len(chunk) == len(remaining))
+            budget -= len(chunk)
+        batch.n_tokens = n
+        return entries
+
+    def _commit(self, entries: list[tuple[_Active, int]]) -> None:
+        """The batch reached the cache: record each sequence's new tokens."""
+        for active, count in entries:
+            if active.pending is not None:
+                active.slot.tokens.append(active.pending)
+                active.pending = None
+            else:
+                start = len(active.slot.tokens)
+                active.slot.tokens.extend(active.request.prompt_tokens[start : start + count])
+
+    def _forget_batch(self, entries: list[tuple[_Active, int]]) -> None:
+        """A failed decode may have left part of the batch in the cache: drop it so every slot stays exact."""
+        for active, _ in entries:
+            self._lc.llama_memory_seq_rm(self._mem, active.slot.seq_id, len(active.slot.tokens), -1)
+            active.row = -1
+
+    def _make_room(self, events: list[tuple[int, Event]]) -> bool:
+        """Step 4's answer to a full cache: drop an idle cache, else the youngest request gives way."""
+        idle = [s for s in self._slots if s.active is None and s.tokens]
+        if idle:
+            oldest = min(idle, key=lambda s: s.last_used_s)
+            self._lc.llama_memory_seq_rm(self._mem, oldest.seq_id, -1, -1)
+            oldest.tokens.clear()
+            return True
+        youngest = max(self._active.values(), key=lambda a: a.admitted)
+        if youngest.prefilling and len(self._active) > 1:
+            # Its prompt goes back to the head of the queue and is prefilled again once others finish.
+            self._release(youngest, clear=True)
+            self._waiting.appendleft((youngest.rid, youngest.request))
+            self._wait_for_room = True
+            log.info("%s: KV cache full; request %d waits for room", self.name, youngest.rid)
+            return True
+        note = (
+            f"the KV cache shared by all sequences ({self.facts.n_ctx} cells) is full; "
+            f"this request ended after {youngest.generated} tokens"
+        )
+        log.warning("%s: %s", self.name, note)
+        self._finish(youngest, events, reason="length", note=note, clear=True)
+        return bool(self._active)
+
+    def _sample(self, events: list[tuple[int, Event]]) -> None:
+        lc = self._lc
+        for active in sorted(self._active.values(), key=lambda a: a.admitted):
+            if active.row < 0:
+                continue
+            request = active.request
+            logprob = None
+            if request.logprobs is not None:
+                logprob = logprobs_of_row(lc, self._ctx, self._vocab, self.facts.n_vocab, active.row, request.logprobs)
+            token = lc.llama_sampler_sample(active.chain, self._ctx, active.row)
+            now = time.perf_counter()
+            if lc.llama_vocab_is_eog(self._vocab, token):
+                self._finish(active, events, reason="stop")
+                continue
+            active.generated += 1
+            assert active.assembler is not None
+            text = active.assembler.push(token_piece(lc, self._vocab, token, special=False))
+            events.append((active.rid, TokenEvent(token, text, logprob(token) if logprob else None, now)))
+            if active.assembler.stopped:
+                self._finish(active, events, reason="stop")
+            elif active.generated >= active.limit:
+                self._finish(active, events, reason="length")
+            else:
+                active.pending = token
+
+    def _finish(
+        self,
+        active: _Active,
+        events: list[tuple[int, Event]],
+        *,
+        reason: FinishReason = "stop",
+        error: str | None = None,
+        note: str | None = None,
+        clear: bool = False,
+    ) -> None:
+        self._wait_for_room = False
+        if error is not None:
+            events.append((active.rid, ErrorEvent(error)))
+            clear = True
+        else:
+            assert active.assembler is not None
+            events.append(
+                (
+                    active.rid,
+                    FinishEvent(
+                        finish_reason=reason,
+                        text=active.assembler.flush(),
+                        prompt_tokens=len(active.request.prompt_tokens),
+                        completion_tokens=active.generated,
+                        cached_tokens=active.cached,
+                        note=note,
+                    ),
+                )
+            )
+        self._release(active, clear=clear)
+
+    def _release(self, active: _Active, *, clear: bool) -> None:
+        """The request leaves its slot; ``clear`` also drops the slot's cache (else it stays for reuse)."""
+        self._active.pop(active.rid, None)
+        if active.chain is not None:
+            self._lc.llama_sampler_free(active.chain)
+            active.chain = None
+        slot = active.slot
+        slot.active = None
+        slot.last_used_s = time.monotonic()
+        if clear:
+            self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            slot.tokens.clear()
+
+    def _cancel(self, rid: int) -> None:
+        active = self._active.get(rid)
+        if active is not None:
+            # The client is gone: its sequence and KV cells are freed now, not kept as a prefix cache.
+            self._release(active, clear=True)
+            self._wait_for_room = False
+            return
+        self._waiting = collections.deque(item for item in self._waiting if item[0] != rid)
+
+    def _fail_all(self, message: str) -> None:
+        events: list[tuple[int, Event]] = []
+        for active in list(self._active.values()):
+            self._finish(active, events, error=message)
+        events.extend((rid, ErrorEvent(message)) for rid, _ in self._waiting)
+        self._waiting.clear()
+        if events:
+            self._last_stats = self.stats()
+            self._emit(events, None, self._last_stats)
+
+    def stats_snapshot(self) -> EngineStats:
+        """The accounting after the latest step; safe from any thread."""
+        return self._last_stats
+
+    def stats(self) -> EngineStats:
+        """The accounting now, checked against llama.cpp's own cell counts; scheduler thread only."""
+        lc = self._lc
+        busy = sum(len(s.tokens) for s in self._slots if s.active is not None)
+        cached = sum(len(s.tokens) for s in self._slots if s.active is None)
+        held = 0
+        for slot in self._slots:
+            pos_max = lc.llama_memory_seq_pos_max(self._mem, slot.seq_id)
+            if pos_max >= 0:
+                held += pos_max - lc.llama_memory_seq_pos_min(self._mem, slot.seq_id) + 1
+        return EngineStats(
+            sequences=len(self._slots),
+            busy_sequences=len(self._active),
+            waiting_requests=len(self._waiting),
+            kv_cells=self.facts.n_ctx,
+            kv_cells_busy=busy,
+            kv_cells_cached=cached,
+            kv_cells_untracked=held - busy - cached,
+            steps=self._steps,
+        )

@@ -1,0 +1,388 @@
+"""The HTTP process's side of the engine: the worker process it talks to, and the Engine of one model in it.
+
+``WorkerProcess`` starts ``python -m server.engine.worker``, sends it calls and requests, and routes what it
+sends back from one reader thread: replies to the waiting caller, each step's events to the asyncio queue of
+each request, step statistics to the observer. When the worker exits (a crash inside llama.cpp, a dead RPC
+server, a kill), every call and request in flight ends with EngineDeadError and the death callbacks run.
+
+``WorkerEngine`` is one model in a worker: it tokenizes here (``Tokenizer``, the vocabulary alone) and
+generates there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from server.engine.errors import EngineDeadError, EngineError, EngineRequestError
+from server.engine.protocol import (
+    EngineStats,
+    ErrorEvent,
+    FinishEvent,
+    GenerationEvent,
+    GenerationRequest,
+    ModelFacts,
+    StepStats,
+    TokenEvent,
+)
+from server.engine.vocab import Tokenizer
+
+log = logging.getLogger("llamasplit.engine")
+
+StepObserver = Callable[[str, StepStats | None, EngineStats | None], None]
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_request_ids = itertools.count(1)
+
+
+class _Stream:
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[TokenEvent | FinishEvent | ErrorEvent] = asyncio.Queue()
+
+
+class WorkerProcess:
+    """One engine process; thread-safe. See the module docstring."""
+
+    def __init__(self, name: str, *, log_level: str = "INFO", on_step: StepObserver | None = None) -> None:
+        self.name = name
+        self.on_step = on_step
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        # The worker must import this very server package, installed or not.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        env.setdefault("GGML_NO_BACKTRACE", "1")  # on an abort ggml would attach gdb: slow and noisy
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the tuner's numbering (tuner/inventory/nvidia.py)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "server.engine.worker", str(theirs.fileno()), log_level],
+            pass_fds=(theirs.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._calls: dict[int, concurrent.futures.Future[Any]] = {}
+        self._call_ids = itertools.count(1)
+        self._streams: dict[int, _Stream] = {}
+        self._on_death: list[Callable[[str], None]] = []
+        self.dead_reason: str | None = None
+        self._closing = False
+        self._reader = threading.Thread(target=self._read, name=f"engine-{name}", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.dead_reason is None
+
+    def on_death(self, callback: Callable[[str], None]) -> None:
+        with self._lock:
+            if self.dead_reason is None:
+                self._on_death.append(callback)
+                return
+        callback(self.dead_reason)
+
+    # -- calls (blocking; for load threads, never the event loop) --
+
+    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self.dead_reason is not None:
+                raise EngineDeadError(f"the engine process is gone: {self.dead_reason}")
+            call_id = next(self._call_ids)
+            self._calls[call_id] = future
+        self._send(("call", call_id, method, args))
+        try:
+            return future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError as exc:
+            raise EngineError(f"the engine process did not answer {method!r} within {timeout_s:g} s") from exc
+
+    # -- requests --
+
+    def submit(self, key: str, request: GenerationRequest) -> tuple[int, _Stream]:
+        stream = _Stream(asyncio.get_running_loop())
+        rid = next(_request_ids)
+        with self._lock:
+            if self.dead_reason is not None:
+                raise EngineDeadError(f"the engine process is gone: {self.dead_reason}")
+            self._streams[rid] = stream
+        self._send(("submit", key, rid, request))
+        return rid, stream
+
+    def cancel(self, key: str, rid: int) -> None:
+        with self._lock:
+            self._streams.pop(rid, None)
+            if self.dead_reason is not None:
+                return
+        self._send(("cancel", key, rid))
+
+    def forget(self, rid: int) -> None:
+        with self._lock:
+            self._streams.pop(rid, None)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except OSError as exc:
+            # The reader notices the same and fails everything in flight; say so to this caller now.
+            raise EngineDeadError(f"the engine process is gone ({exc})") from exc
+
+    # -- the reader thread --
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # an unpicklable message is a bug, not a reason to stop serving
+                log.exception("engine %s sent a message that could not be read", self.name)
+                continue
+            kind = message[0]
+            if kind == "step":
+                _, key, events, step, stats = message
+                if events:
+                    self._deliver(events)
+                if self.on_step is not None:
+                    try:
+                        self.on_step(key, step, stats)
+                    except Exception:
+                        log.exception("step observer failed")
+            elif kind == "reply":
+                _, call_id, ok, value = message
+                with self._lock:
+                    future = self._calls.pop(call_id, None)
+                if future is None:
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    error_type, text = value
+                    future.set_exception(_remote_error(error_type, text))
+        self._died()
+
+    def _deliver(self, events: Sequence[tuple[int, Any]]) -> None:
+        # One hop into each event loop per step, not one per token: the loop is the scarce resource.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        with self._lock:
+            for rid, event in events:
+                stream = self._streams.get(rid)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, event))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
+                loop.call_soon_threadsafe(_put_all, items)
+
+    def _died(self) -> None:
+        try:
+            returncode = self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            returncode = self._proc.wait()
+        reason = "it was shut down" if self._closing else f"the engine process {_describe_exit(returncode)}"
+        with self._lock:
+            self.dead_reason = reason
+            calls, self._calls = self._calls, {}
+            streams, self._streams = self._streams, {}
+            callbacks, self._on_death = self._on_death, []
+        if not self._closing:
+            log.error("engine %s (pid %d): %s", self.name, self._proc.pid, reason)
+        for future in calls.values():
+            future.set_exception(EngineDeadError(f"the engine process is gone: {reason}"))
+        self._deliver_direct(streams, ErrorEvent(f"the engine process is gone: {reason}", dead=True))
+        for callback in callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("engine death callback failed")
+
+    @staticmethod
+    def _deliver_direct(streams: Mapping[int, _Stream], event: ErrorEvent) -> None:
+        for stream in streams.values():
+            with contextlib.suppress(RuntimeError):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+
+    # -- shutdown --
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Unload everything and end the process (killed if it does not end in time)."""
+        if self.dead_reason is not None:
+            return
+        self._closing = True
+        with contextlib.suppress(EngineError):
+            self.call("shutdown", timeout_s=timeout_s)
+        try:
+            self._proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        self._reader.join(timeout=timeout_s)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the worker (tests use it to crash an engine)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._proc.pid, sig)
+
+
+def _put_all(items: list[tuple[_Stream, Any]]) -> None:
+    for stream, event in items:
+        stream.queue.put_nowait(event)
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+        return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def _remote_error(error_type: str, text: str) -> Exception:
+    from tuner.errors import DoesNotFitError, GGUFError, PlanRequestError, TunerError
+
+    known: dict[str, type[Exception]] = {
+        "DoesNotFitError": DoesNotFitError,
+        "GGUFError": GGUFError,
+        "PlanRequestError": PlanRequestError,
+        "InventoryError": TunerError,
+        "EngineRequestError": EngineRequestError,
+    }
+    cls = known.get(error_type)
+    return cls(text) if cls is not None else EngineError(text)
+
+
+class WorkerEngine:
+    """One model loaded in a WorkerProcess: the Engine protocol for the HTTP layer."""
+
+    def __init__(self, worker: WorkerProcess, key: str, tokenizer: Tokenizer, facts: ModelFacts) -> None:
+        self.worker = worker
+        self.key = key
+        self.tokenizer = tokenizer
+        self._facts = facts
+        self._stats: EngineStats | None = None
+        self._closed = False
+
+    @classmethod
+    def load(
+        cls,
+        worker: WorkerProcess,
+        key: str,
+        path: str | Path,
+        settings: Any,
+        *,
+        rpc: Sequence[str] = (),
+        chat_template: str | None = None,
+        step_tokens: int | None = None,
+        seq_limit: int | None = None,
+    ) -> tuple[WorkerEngine, dict[str, Any]]:
+        """Load ``path`` with ``settings`` (a tuner.LoadSettings) in ``worker``; returns the engine and the
+        worker's memory report (BufferReport as JSON). Raises EngineError (or the tuner's DoesNotFitError)."""
+        tokenizer = Tokenizer(path, chat_template=chat_template)
+        try:
+            result = worker.call(
+                "load", key, str(path), settings.model_dump_json(), list(rpc), step_tokens, seq_limit
+            )
+        except BaseException:
+            tokenizer.close()
+            raise
+        return cls(worker, key, tokenizer, result["facts"]), result["report"]
+
+    # -- Engine protocol --
+
+    @property
+    def facts(self) -> ModelFacts:
+        return self._facts
+
+    @property
+    def n_ctx_per_seq(self) -> int:
+        return self._facts.n_ctx_seq
+
+    @property
+    def n_vocab(self) -> int:
+        return self._facts.n_vocab
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._facts.n_seq_max
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        return self.tokenizer.encode_chat(messages)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode_text(text)
+
+    def decode_tokens(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode_tokens(tokens)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return self.tokenizer.template.stop_strings
+
+    def chat_template_source(self) -> str:
+        return self.tokenizer.template.source
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        return self.tokenizer.prepare(request)
+
+    def observe(self, stats: EngineStats | None) -> None:
+        if stats is not None:
+            self._stats = stats
+
+    def stats(self) -> EngineStats | None:
+        return self._stats
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream the request's events; closing the iterator cancels it in the engine at its next step."""
+        if self._closed:
+            raise EngineError(f"model {self.key} is unloaded")
+        rid, stream = self.worker.submit(self.key, request)
+        finished = False
+        try:
+            while True:
+                event = await stream.queue.get()
+                if isinstance(event, ErrorEvent):
+                    finished = True
+                    raise EngineDeadError(event.message) if event.dead else EngineError(event.message)
+                if isinstance(event, FinishEvent):
+                    finished = True
+                    if event.note:
+                        log.warning("%s: %s", self.key, event.note)
+                    yield event
+                    return
+                yield event
+        finally:
+            if finished:
+                self.worker.forget(rid)
+            else:
+                with contextlib.suppress(EngineError):
+                    self.worker.cancel(self.key, rid)
+
+    def close(self) -> None:
+        """Unload the model from its worker (the worker itself stays for its other models)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.worker.alive:
+            with contextlib.suppress(EngineError):
+                self.worker.call("unload", self.key, timeout_s=60)
+        self.tokenizer.close()

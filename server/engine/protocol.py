@@ -1,0 +1,168 @@
+"""What the HTTP layer and an engine exchange: requests, events, statistics and the Engine protocol.
+
+The HTTP layer builds a GenerationRequest (token ids and sampling values, nothing OpenAI-specific) and
+iterates ``engine.generate(request)``, an async iterator of TokenEvent ending in one FinishEvent. Closing the
+iterator cancels the generation; the engine frees the sequence at its next step. Every type here is plain
+data (picklable, no llama.cpp, no HTTP), because requests and events cross a process boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """Constrain the output to JSON: any object (``schema`` None) or one matching a JSON Schema."""
+
+    schema: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_tokens: tuple[int, ...]
+    max_tokens: int | None  # None: until end of generation or the sequence's context is full
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    constraint: OutputConstraint | None = None
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob and the top k
+    grammar: str | None = None  # GBNF compiled from ``constraint`` by the tokenizer side; the engine uses it
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    token_bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One sampled token. ``text`` is what became safe to show with it ("" while held back)."""
+
+    token_id: int
+    text: str
+    logprob: TokenLogprob | None
+    time_s: float  # time.perf_counter() when it was sampled (CLOCK_MONOTONIC: comparable across processes)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    finish_reason: FinishReason
+    text: str  # text held back until the end (a partial stop-string match that never completed)
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose KV cache was reused
+    note: str | None = None  # why a generation ended early (the shared KV cache ran full), for the log
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The request failed inside the engine; the HTTP layer turns it into an EngineError."""
+
+    message: str
+    dead: bool = False  # the engine process is gone
+
+
+GenerationEvent = TokenEvent | FinishEvent
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One scheduler step: what went into the batch and how long llama_decode took."""
+
+    batch_tokens: int  # tokens in the llama_batch (generated + prompt)
+    decode_sequences: int  # sequences that contributed their next token
+    prompt_tokens: int  # prompt tokens prefilled in this step
+    step_s: float  # wall time of llama_decode plus sampling
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's own accounting, after a step (or on request): the leak detector of the tests and /metrics."""
+
+    sequences: int  # llama.cpp sequences (n_seq_max)
+    busy_sequences: int  # sequences serving a request
+    waiting_requests: int  # requests submitted but not yet holding a sequence
+    kv_cells: int  # cells of the KV cache (all sequences together)
+    kv_cells_busy: int  # cells held by sequences that serve a request
+    kv_cells_cached: int  # cells kept by idle sequences for prompt-prefix reuse
+    kv_cells_untracked: int  # cells llama.cpp holds that the engine does not know of: must be 0
+    steps: int
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the HTTP layer needs to know of a loaded model."""
+
+    n_ctx: int  # KV cells in all
+    n_ctx_seq: int  # tokens one sequence may hold (the whole context when the cache is unified)
+    n_seq_max: int
+    n_vocab: int
+    kv_unified: bool
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from a model. Implementations must be safe to call from the event loop."""
+
+    @property
+    def facts(self) -> ModelFacts: ...
+
+    @property
+    def n_ctx_per_seq(self) -> int: ...
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def max_concurrency(self) -> int: ...
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def decode_tokens(self, tokens: Sequence[int]) -> str: ...
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """Stop strings every chat request gets (the fallback template's end marker)."""
+
+    def chat_template_source(self) -> str:
+        """Where the chat template came from: "config", "gguf" or "fallback"."""
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Check what only the model can judge (token ids, schema grammar) and compile the grammar.
+
+        Raises EngineRequestError; returns the request as the engine will run it.
+        """
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+
+    def stats(self) -> EngineStats | None:
+        """The latest accounting the engine reported (None before its first step)."""
+
+    def close(self) -> None: ...
