@@ -324,3 +324,18 @@ def test_a_local_file_never_loads_huggingface_hub(smollm2: Path, tmp_path: Path)
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_token_hf_auth_login_stored_is_used(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "hf-home"  # the run fixture's HF_HOME, where `hf auth login` keeps the token
+    home.mkdir(exist_ok=True)
+    (home / "token").write_text(TOKEN)
+    result = run("acme/gated-GGUF:Q4_0", *TINY_CARD)
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_listing_where_nothing_fits_exits_3(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("acme/tiny-llama-GGUF", "--gpus", "540MiB", "--reserve", "0", "--ctx", "2048", "--format", "json")
+    assert result.returncode == 3, result.stderr
+    assert [row["verdict"] for row in json.loads(result.stdout)["models"]] == ["no", "no", "no"]
