@@ -37,6 +37,9 @@ class LoadRequest(BaseModel):
     settings: LoadSettings = LoadSettings()
     rpc_endpoints: tuple[str, ...] = ()
     dry_run: bool = False
+    # Decode this many tokens after the load: buffers a backend allocates only while computing (the all-reduce
+    # scratch of split mode "tensor") then exist too.
+    warmup_tokens: int = 0
 
 
 def load_and_report(
@@ -45,6 +48,7 @@ def load_and_report(
     *,
     rpc_endpoints: Sequence[str] = (),
     dry_run: bool = False,
+    warmup_tokens: int = 0,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> BufferReport:
     """Load ``model_path`` with ``settings`` in a child process; return what llama.cpp allocated.
@@ -60,6 +64,7 @@ def load_and_report(
         settings=settings or LoadSettings(),
         rpc_endpoints=tuple(rpc_endpoints),
         dry_run=dry_run,
+        warmup_tokens=warmup_tokens,
     )
     _check_request(request)
     return _run_child(request, timeout_s)
@@ -171,8 +176,23 @@ def load_in_process(request: LoadRequest) -> BufferReport:
     opened = open_model(
         request.model_path, request.settings, devices=devices, dry_run=request.dry_run, log_sink=sys.stderr
     )
+    if request.warmup_tokens and not request.dry_run:
+        _decode_warmup(opened.ctx, min(request.warmup_tokens, request.settings.n_batch, request.settings.n_ctx))
     opened.close()
     return opened.report
+
+
+def _decode_warmup(ctx: int, n_tokens: int) -> None:
+    """Decode ``n_tokens`` copies of token 1 from position 0, as a prompt of that length would."""
+    import ctypes
+
+    from tuner.llamacpp.libs import llama_cpp_module
+
+    llama_cpp = llama_cpp_module()
+    tokens = (ctypes.c_int32 * n_tokens)(*([1] * n_tokens))
+    status = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, n_tokens))
+    if status != 0:
+        raise LoadError(f"the warm-up decode of {n_tokens} tokens failed (llama_decode returned {status})")
 
 
 def _child_main(result_path: str) -> None:
