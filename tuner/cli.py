@@ -93,8 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="full-size cache for sliding-window layers (on: llama-cpp-python's default)",
     )
     parser.add_argument("--reserve", type=_non_negative_int, default=512, help="MiB kept free per GPU (default 512)")
-    parser.add_argument("--objective", choices=("speed", "balanced"), default="speed")
-    parser.add_argument("--split-mode", "-sm", choices=("layer", "row", "none"))
+    parser.add_argument(
+        "--objective", choices=("speed", "balanced", "latency", "throughput"), default="speed",
+        help="speed: fastest layer split; balanced: equal headroom; latency / throughput: pick layer or tensor "
+        "split by single-stream or batched speed",
+    )
+    parser.add_argument(
+        "--split-mode", "-sm", choices=("layer", "tensor", "row", "none"),
+        help="layer (default), tensor (tensor parallelism), none (one device); row is rated unavailable",
+    )
     parser.add_argument("--tensor-split", "-ts", type=_split, help="evaluate this split instead of planning one")
     parser.add_argument("--n-gpu-layers", "-ngl", type=_non_negative_int, help="entries on GPUs (output included)")
     parser.add_argument("--main-gpu", "-mg", type=_non_negative_int)

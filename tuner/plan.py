@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.devices import AllocatorBackend, DeviceKind
 
-SplitMode = Literal["layer", "row", "none"]
-Objective = Literal["speed", "balanced"]
+SplitMode = Literal["layer", "row", "none", "tensor"]
+Objective = Literal["speed", "balanced", "latency", "throughput"]
 FlashAttn = Literal["on", "off", "auto"]
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 MiB = 1024 * 1024
@@ -76,12 +76,14 @@ class DevicePlan(BaseModel):
 
 
 class SplitEvaluation(BaseModel):
-    """How one split mode would do; the planner evaluates all three and picks one."""
+    """How one split mode would do; the planner evaluates all four and picks one."""
 
     split_mode: SplitMode
     fits: bool
     predicted_tokens_per_s: float | None
     note: str
+    # Prompt processing in n_ubatch micro-batches (compute-bound): where layer split's pipelining pays off.
+    batch_tokens_per_s: float | None = None
 
 
 class Plan(BaseModel):

@@ -15,8 +15,10 @@ The algorithm, step by step (docs/TUNER.md tells it with a worked 4090 + 4080 ex
           search then moves single entries between devices while that improves the objective.
   Step 4. Context: with --max-ctx, bisect the largest context (a multiple of 256, up to the training context)
           at which every entry still fits on the devices.
-  Step 5. Evaluate the other split modes ("none": everything on one device; "row": matrices split by rows,
-          KV and compute on the main GPU) for the verdict, and pick main_gpu.
+  Step 5. Evaluate the other split modes for the verdict: "none" (everything on one device), "tensor" (every
+          layer cut across all devices: tuner.tensor_planner) and "row" (not available in this llama.cpp on any
+          device kind: rated so, with the reason). The "latency" and "throughput" objectives pick between
+          layer and tensor by predicted single-stream speed or batched (prompt) throughput.
   Step 6. Express the counts as tensor_split proportions that reproduce them under llama.cpp's rounding.
 
 A placement the user gave (tensor_split, n_gpu_layers, split mode, context) is evaluated, never changed.
@@ -31,10 +33,10 @@ from tuner.devices import Device
 from tuner.errors import PlanRequestError
 from tuner.layout import N_CTX_PAD, Layout, RuntimeSettings
 from tuner.memory.kv import cache_type_row_bytes
-from tuner.memory.predict import DeviceMemory, MemoryModel, MemoryPrediction
+from tuner.memory.predict import MemoryModel, MemoryPrediction
 from tuner.model import ModelInfo
 from tuner.plan import DevicePlan, HostUsage, Plan, PlanRequest, SplitEvaluation
-from tuner.speed import DEFAULT_SPEED_MODEL, SpeedModel, layer_split_token_time_s, row_split_token_time_s
+from tuner.speed import DEFAULT_SPEED_MODEL, SpeedModel, layer_split_token_time_s
 from tuner.split import layer_ranges, tensor_split_for_counts
 
 GiB = 1024**3
@@ -52,6 +54,14 @@ class Candidate:
     fits: bool
     token_time_s: float
     headroom: tuple[int, ...]  # budget - total per device (negative = over)
+    # Split mode "tensor": every device holds a slice of the same n_gpu_layers entries, cut in these proportions.
+    n_gpu_layers: int | None = None
+    proportions: tuple[float, ...] | None = None
+
+    @property
+    def entries(self) -> int:
+        """Entries (blocks plus the output layer) on the devices."""
+        return self.n_gpu_layers if self.n_gpu_layers is not None else sum(self.counts)
 
 
 # Step 1 ------------------------------------------------------------------------------------------------------
@@ -254,55 +264,19 @@ class LayerPlanner:
 # Step 5 ------------------------------------------------------------------------------------------------------
 
 
-def evaluate_single_device(planner: LayerPlanner, device: int) -> Candidate:
-    """Split mode "none": every entry on one device."""
+def evaluate_single_device(planner: LayerPlanner, device: int, n_gpu_layers: int | None = None) -> Candidate:
+    """Split mode "none": every entry (or the last ``n_gpu_layers``) on one device."""
     counts = [0] * len(planner.devices)
-    counts[device] = planner.model.n_layer + 1
+    n_entries = planner.model.n_layer + 1
+    counts[device] = n_entries if n_gpu_layers is None else min(n_gpu_layers, n_entries)
     return planner.evaluate(counts)
 
 
-def evaluate_row_split(planner: LayerPlanner, main_gpu: int) -> tuple[Candidate | None, str]:
-    """Split mode "row": each block's matrices split by rows in proportion to the devices' budgets; norms, KV
-    cache, output layer and compute buffers on the main GPU (llama.cpp's split buffer type, CUDA/HIP only)."""
-    devices = planner.devices
-    if any(d.backend not in ("cuda", "rocm") or d.kind == "rpc" for d in devices):
-        return None, "row split needs CUDA or ROCm devices (RPC and CPU devices cannot split rows)"
-    single = evaluate_single_device(planner, main_gpu)
-    main = single.memory.devices[main_gpu]
-    matrix_bytes, shares = _row_shares(planner, main_gpu, single)
-    total_share = sum(shares) or 1
-    memory = []
-    for index, device_memory in enumerate(single.memory.devices):
-        weights = matrix_bytes * shares[index] // total_share
-        if index == main_gpu:
-            weights += main.weights_bytes - matrix_bytes
-            memory.append(DeviceMemory(weights, main.kv_bytes, main.compute_bytes, device_memory.overhead_bytes))
-        else:
-            memory.append(DeviceMemory(weights, 0, 0, device_memory.overhead_bytes))
-    headroom = tuple(
-        budget - (dm.total_bytes - dm.overhead_bytes) for budget, dm in zip(planner.budgets, memory, strict=True)
-    )
-    read_bytes, _ = planner.memory.read_bytes_per_token(single.layout)
-    kv_read = main.kv_bytes // 2
-    per_device = [(sum(read_bytes) - kv_read) * share // total_share for share in shares]
-    per_device[main_gpu] += kv_read
-    token_time = row_split_token_time_s(
-        per_device, [d.bandwidth_bytes_per_s for d in devices], planner.model.n_layer, 0, planner.speed
-    )
-    prediction = MemoryPrediction(tuple(memory), single.memory.host_weights_bytes, 0, single.memory.host_compute_bytes)
-    candidate = Candidate(single.counts, single.layout, prediction, min(headroom) >= 0, token_time, headroom)
-    return candidate, "matrices split by rows; KV cache and compute on the main GPU"
-
-
-def _row_shares(planner: LayerPlanner, main_gpu: int, single: Candidate | None = None) -> tuple[int, list[int]]:
-    """Bytes of the row-split matrices, and each device's share of them: what its budget holds after the main
-    GPU's extras (KV cache, compute, unsplit weights), so that every device keeps similar headroom."""
-    single = single or evaluate_single_device(planner, main_gpu)
-    main = single.memory.devices[main_gpu]
-    matrix_bytes = sum(t.n_bytes for block in planner.memory.groups.blocks for t in block if len(t.shape) >= 2)
-    extras = [0] * len(planner.devices)
-    extras[main_gpu] = main.weights_bytes - matrix_bytes + main.kv_bytes + main.compute_bytes
-    return matrix_bytes, [max(b - e, 0) for b, e in zip(planner.budgets, extras, strict=True)]
+# llama.cpp 0.3.36 removed ggml_backend_split_buffer_type from ggml-cuda (and so HIP); RPC and CPU never had one.
+ROW_UNAVAILABLE = (
+    "split mode row is not available on CUDA, ROCm, RPC or CPU devices: this llama.cpp (llama-cpp-python 0.3.36) "
+    "has no split buffer type for them (\"does not support split buffers\"); use --split-mode tensor or layer"
+)
 
 
 # The whole plan ----------------------------------------------------------------------------------------------
@@ -315,6 +289,8 @@ def plan(
     speed: SpeedModel = DEFAULT_SPEED_MODEL,
 ) -> Plan:
     """Plan (or, with a user placement, evaluate) how to load ``model`` on ``devices``."""
+    from tuner.tensor_planner import TensorPlanner, check_tensor_request  # it imports this module
+
     _check_request(model, devices, request)
     n_entries = model.n_layer + 1
     n_ctx = request.n_ctx
@@ -331,41 +307,48 @@ def plan(
     planner = planner_for(n_ctx)
     split_mode = request.split_mode or ("layer" if len(devices) > 1 else "none")
     main_gpu = request.main_gpu if request.main_gpu is not None else _fastest_device(devices)
+    if split_mode == "tensor":
+        check_tensor_request(planner)
 
     chosen = _choose(planner, request, split_mode, main_gpu)
     # The search shares compute buffers between layouts of the same signature; the answer is replayed exactly,
     # and where that disagrees on fitting the choice is made again with exact replays throughout (slower).
     exact = planner.exact_twin()
-    final = _choose(exact, request, split_mode, main_gpu, counts=chosen.counts)
+    final = _choose(exact, request, split_mode, main_gpu, known=chosen)
     if final.fits != chosen.fits:
         final = _choose(exact, request, split_mode, main_gpu)
-    alternatives = _alternatives(planner, main_gpu) if devices else []
+    alternatives, tensor_choice = _alternatives(exact, main_gpu) if devices else ([], None)
     planner, chosen = exact, final
+    # Step 5: "latency" and "throughput" pick layer or tensor split, when the user left the mode open.
+    picks = request.split_mode is None and request.objective in ("latency", "throughput")
+    if picks and tensor_choice is not None and _prefer_tensor(alternatives, chosen, tensor_choice, request.objective):
+        split_mode, chosen = "tensor", tensor_choice
     if not devices and request.n_gpu_layers:
         warnings.append(f"no GPU or RPC device was found: --n-gpu-layers {request.n_gpu_layers} has no effect")
     if not devices:
         split_mode = "none"
     user_placement = request.tensor_split is not None or request.n_gpu_layers is not None
     fits, token_time = chosen.fits, chosen.token_time_s
-    if fits and sum(chosen.counts) < n_entries and devices and split_mode != "row":
-        warnings.append(
-            f"{n_entries - sum(chosen.counts)} of {n_entries} layers stay on the CPU; decoding will be slow"
-        )
-    row = next((a for a in alternatives if a.split_mode == "row"), None)
+    if fits and chosen.entries < n_entries and devices:
+        warnings.append(f"{n_entries - chosen.entries} of {n_entries} layers stay on the CPU; decoding will be slow")
+    if split_mode == "tensor" and fits:
+        reason = TensorPlanner(planner).crash_reason(chosen.proportions, chosen.entries)
+        if reason is not None:
+            raise PlanRequestError(reason)
+    tensor = next((a for a in alternatives if a.split_mode == "tensor"), None)
     rate = 1 / token_time if token_time else 0.0
-    if split_mode == "layer" and row and row.fits and (row.predicted_tokens_per_s or 0) > 1.1 * rate:
+    if split_mode == "layer" and tensor and tensor.fits and (tensor.predicted_tokens_per_s or 0) > 1.1 * rate:
         warnings.append(
-            f"row split is predicted faster here ({row.predicted_tokens_per_s:.0f} vs {rate:.0f} tokens/s): "
-            "every layer is on a GPU and the matrices are large enough to hide the per-layer gathers; "
-            "try --split-mode row"
+            f"tensor split is predicted faster for a single stream here ({tensor.predicted_tokens_per_s:.0f} vs "
+            f"{rate:.0f} tokens/s); try --split-mode tensor, or --objective latency to let the planner pick it"
         )
     verdict = _verdict(planner, chosen, fits, user_placement)
     if request.tensor_split is not None:
         tensor_split = tuple(request.tensor_split)
     elif split_mode == "layer":
         tensor_split = tensor_split_for_counts(chosen.counts, model.n_layer)
-    elif split_mode == "row":  # rows in the proportions evaluate_row_split assumed
-        tensor_split = tuple(round(share / GiB, 2) for share in _row_shares(planner, main_gpu)[1])
+    elif split_mode == "tensor":
+        tensor_split = chosen.proportions or tuple(1.0 for _ in devices)
     else:
         tensor_split = tuple(1.0 if i == main_gpu else 0.0 for i in range(len(devices)))
     return _build_plan(
@@ -374,18 +357,35 @@ def plan(
     )
 
 
+def _prefer_tensor(
+    alternatives: Sequence[SplitEvaluation], layer: Candidate, tensor: Candidate, objective: str
+) -> bool:
+    """Tensor split wins when it fits, keeps at least as many entries on the devices, and beats layer split on
+    the objective's measure (single-stream tokens/s for "latency", batched tokens/s for "throughput")."""
+    if not tensor.fits or tensor.entries < layer.entries or (layer.fits and not tensor.fits):
+        return False
+    by_mode = {a.split_mode: a for a in alternatives}
+    if "layer" not in by_mode or "tensor" not in by_mode:
+        return False
+    if objective == "latency":
+        return (by_mode["tensor"].predicted_tokens_per_s or 0) > (by_mode["layer"].predicted_tokens_per_s or 0)
+    return (by_mode["tensor"].batch_tokens_per_s or 0) > (by_mode["layer"].batch_tokens_per_s or 0)
+
+
 def _choose(
-    planner: LayerPlanner, request: PlanRequest, split_mode: str, main_gpu: int, counts: Sequence[int] | None = None
+    planner: LayerPlanner, request: PlanRequest, split_mode: str, main_gpu: int, known: Candidate | None = None
 ) -> Candidate:
-    """The placement for the split mode: the user's, or the search's; ``counts`` re-evaluates a known one."""
+    """The placement for the split mode: the user's, or the search's; ``known`` re-evaluates a chosen one."""
+    from tuner.tensor_planner import TensorPlanner  # it imports this module
+
     n_entries = planner.model.n_layer + 1
-    if split_mode == "row":
-        row, note = evaluate_row_split(planner, main_gpu)
-        if row is None:
-            raise PlanRequestError(note)
-        return row
-    if counts is not None:
-        return planner.evaluate(counts)
+    if split_mode == "tensor":
+        tensor = TensorPlanner(planner)
+        if known is not None:
+            return tensor.evaluate(known.proportions, known.entries)
+        return tensor.search(request.n_gpu_layers, request.tensor_split)
+    if known is not None:
+        return planner.evaluate(known.counts)
     if not planner.devices:
         return planner.evaluate([])
     if split_mode == "none":
@@ -393,15 +393,16 @@ def _choose(
         counts[main_gpu] = n_entries if request.n_gpu_layers is None else min(request.n_gpu_layers, n_entries)
         return planner.evaluate(counts)
     if request.tensor_split is not None:
-        return planner.from_tensor_split(request.tensor_split, request.n_gpu_layers or n_entries)
+        n_gpu_layers = request.n_gpu_layers if request.n_gpu_layers is not None else n_entries
+        return planner.from_tensor_split(request.tensor_split, n_gpu_layers)
     return planner.search(request.n_gpu_layers)
 
 
 def _check_request(model: ModelInfo, devices: Sequence[Device], request: PlanRequest) -> None:
     if request.main_gpu is not None and request.main_gpu >= max(len(devices), 1):
         raise PlanRequestError(f"--main-gpu {request.main_gpu} is out of range: there are {len(devices)} devices")
-    if request.split_mode == "row" and len(devices) < 2:
-        raise PlanRequestError("split mode row needs at least two devices")
+    if request.split_mode == "row":
+        raise PlanRequestError(ROW_UNAVAILABLE)
     if request.tensor_split is not None and len(request.tensor_split) != len(devices):
         raise PlanRequestError(
             f"--tensor-split has {len(request.tensor_split)} entries for {len(devices)} devices; give one per device"
@@ -418,12 +419,18 @@ def _max_context(
     model: ModelInfo, request: PlanRequest, planner_for: Callable[[int | None], LayerPlanner], warnings: list[str]
 ) -> int:
     """Bisection over multiples of 256: fits(ctx) is monotone (more context never needs less memory)."""
+    from tuner.tensor_planner import TensorPlanner, check_tensor_request  # it imports this module
+
     n_entries = model.n_layer + 1
     ceiling = model.n_ctx_train or 131072
 
     def fits(ctx: int) -> bool:
         planner = planner_for(ctx)
         target = request.n_gpu_layers if request.n_gpu_layers is not None else n_entries
+        if request.split_mode == "tensor":
+            check_tensor_request(planner)
+            tensor = TensorPlanner(planner).search(target, request.tensor_split)
+            return tensor.fits and tensor.entries >= min(target, n_entries)
         if request.tensor_split is not None:
             return planner.from_tensor_split(request.tensor_split, target).fits
         candidate = planner.search(target)
@@ -443,32 +450,66 @@ def _max_context(
     return low * N_CTX_PAD
 
 
-def _alternatives(planner: LayerPlanner, main_gpu: int) -> list[SplitEvaluation]:
-    layer = planner.search(planner.request.n_gpu_layers)
-    single = evaluate_single_device(planner, main_gpu)
-    row, row_note = evaluate_row_split(planner, main_gpu)
-    row_fits, row_time = (row.fits, row.token_time_s) if row is not None else (False, 0.0)
+def _alternatives(planner: LayerPlanner, main_gpu: int) -> tuple[list[SplitEvaluation], Candidate | None]:
+    """Every split mode's verdict, single-stream and batched speeds side by side; and the tensor placement."""
+    from tuner.tensor_planner import TensorPlanner, check_tensor_request  # it imports this module
+
+    n_entries = planner.model.n_layer + 1
+    request = planner.request
+    layer = planner.search(request.n_gpu_layers)
+    single = evaluate_single_device(planner, main_gpu, request.n_gpu_layers)
+    tensor_planner = TensorPlanner(planner)
+    tensor: Candidate | None = None
+    tensor_note = ""
+    try:
+        check_tensor_request(planner)
+        tensor = tensor_planner.search(request.n_gpu_layers, None)
+        reason = tensor_planner.crash_reason(tensor.proportions, tensor.entries)
+        if reason is not None:
+            tensor, tensor_note = None, reason
+    except PlanRequestError as exc:
+        tensor_note = str(exc)
+
+    def rate(candidate: Candidate) -> float | None:
+        return 1 / candidate.token_time_s if candidate.token_time_s else None
+
     evaluations = [
         SplitEvaluation(
             split_mode="layer",
             fits=layer.fits,
-            predicted_tokens_per_s=1 / layer.token_time_s if layer.token_time_s else None,
-            note=f"{sum(layer.counts)} of {planner.model.n_layer + 1} layers on the devices, pipelined by layer",
+            predicted_tokens_per_s=rate(layer),
+            batch_tokens_per_s=tensor_planner.layer_batch_tokens_per_s(layer),
+            note=f"{layer.entries} of {n_entries} layers on the devices, pipelined by layer",
         ),
         SplitEvaluation(
             split_mode="none",
             fits=single.fits,
-            predicted_tokens_per_s=1 / single.token_time_s if single.token_time_s else None,
+            predicted_tokens_per_s=rate(single),
+            batch_tokens_per_s=tensor_planner.layer_batch_tokens_per_s(single),
             note=f"everything on {planner.devices[main_gpu].name} (device {main_gpu})",
         ),
-        SplitEvaluation(
-            split_mode="row",
-            fits=row_fits,
-            predicted_tokens_per_s=1 / row_time if row_time else None,
-            note=row_note,
-        ),
     ]
-    return evaluations
+    if tensor is not None:
+        shares = ",".join(f"{p:g}" for p in tensor.proportions or ())
+        evaluations.append(
+            SplitEvaluation(
+                split_mode="tensor",
+                fits=tensor.fits,
+                predicted_tokens_per_s=rate(tensor),
+                batch_tokens_per_s=tensor_planner.batch_tokens_per_s(tensor),
+                note=f"{tensor.entries} of {n_entries} layers cut across all devices ({shares}), 2 all-reduces a layer",
+            )
+        )
+    else:
+        evaluations.append(
+            SplitEvaluation(split_mode="tensor", fits=False, predicted_tokens_per_s=None, note=tensor_note)
+        )
+    evaluations.append(
+        SplitEvaluation(
+            split_mode="row", fits=False, predicted_tokens_per_s=None, note="not available: " + ROW_UNAVAILABLE
+        )
+    )
+    return evaluations, tensor
 
 
 def _verdict(planner: LayerPlanner, chosen: Candidate, fits: bool, user_placement: bool) -> str:
@@ -476,7 +517,7 @@ def _verdict(planner: LayerPlanner, chosen: Candidate, fits: bool, user_placemen
         return "fits in host RAM: no GPU or RPC device was found, so every layer runs on the CPU"
     if fits:
         what = "the given placement fits" if user_placement else "fits"
-        return f"{what}: {sum(chosen.counts)} of {planner.model.n_layer + 1} layers on the devices"
+        return f"{what}: {chosen.entries} of {planner.model.n_layer + 1} layers on the devices"
     return explain_shortfall(planner, chosen)
 
 
@@ -503,8 +544,8 @@ def explain_shortfall(planner: LayerPlanner, chosen: Candidate) -> str:
     if settings.type_k == "f16" and settings.type_v == "f16" and kv_short:
         # q8_0 stores 32 values in 34 bytes instead of 64: 47% less.
         remedies.append(f"--cache-type-k q8_0 --cache-type-v q8_0 saves {kv_short * 30 / 64 / GiB:.2f} GiB")
-    if short_devices and sum(chosen.counts):
-        remedies.append(f"fewer layers on the GPUs (--n-gpu-layers below {sum(chosen.counts)}) spills to the CPU")
+    if short_devices and chosen.entries:
+        remedies.append(f"fewer layers on the GPUs (--n-gpu-layers below {chosen.entries}) spills to the CPU")
     if host_short and not short_devices and chosen.layout.i_gpu_start > 0 and planner.devices:
         remedies.append("more layers on the GPUs (a higher --n-gpu-layers) takes them out of host RAM")
     return "does not fit: " + "; ".join(parts) + (". What would help: " + "; ".join(remedies) if remedies else "")
@@ -566,7 +607,7 @@ def _build_plan(
         n_layer=model.n_layer,
         split_mode=split_mode,  # type: ignore[arg-type]
         tensor_split=tensor_split,
-        n_gpu_layers=sum(chosen.counts),
+        n_gpu_layers=chosen.entries,
         main_gpu=main_gpu,
         n_ctx=settings.n_ctx,
         n_ctx_train=model.n_ctx_train,

@@ -126,12 +126,17 @@ def render_plan(plan: Plan, width: int | None = None) -> RenderableType:
     prefix = "CUDA_DEVICE_ORDER=PCI_BUS_ID " if any(d.backend == "cuda" for d in plan.devices) else ""
     command = prefix + "llama-server " + " ".join(shlex.quote(f) for f in plan_flags(plan))
     lines.append(Text(f"llama-server flags: {command}", style="dim"))
+    if plan.alternatives:
+        lines.append(Text(f"  {'split':<12} {'verdict':<12} {'1 stream':<12} {'batched':<13} note", "dim"))
     for alternative in plan.alternatives:
-        rate = "-"
+        rate = batch = "-"
         if alternative.fits and alternative.predicted_tokens_per_s:
             rate = f"~{alternative.predicted_tokens_per_s:.0f} tok/s"
+        if alternative.fits and alternative.batch_tokens_per_s:
+            batch = f"~{alternative.batch_tokens_per_s:.0f} tok/s"
         fits = "fits" if alternative.fits else "does not fit"
-        lines.append(Text(f"  split {alternative.split_mode:<5} {fits:<12} {rate:<12} {alternative.note}", "dim"))
+        line = f"  split {alternative.split_mode:<6} {fits:<12} {rate:<12} {batch:<13} {alternative.note}"
+        lines.append(Text(line, "dim"))
     lines.extend(Text(f"warning: {w}", style="yellow") for w in plan.warnings)
     return Group(*lines)
 

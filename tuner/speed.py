@@ -11,6 +11,19 @@ matrix at the same time, then gathers the partial results on the main GPU twice 
     t_token = max_devices(bytes_d / (bandwidth_d * efficiency)) + n_layers * (layer_overhead + row_sync)
               + cpu_bytes / (host_bandwidth * efficiency)                            (split mode row)
 
+Tensor parallelism (split mode "tensor") reads every card's slice of every layer at the same time, then
+all-reduces the partial results twice per layer (after attention and after the FFN) over the link between
+the cards: ``ceil(log2 n)`` exchange steps of n_embd x tokens f32, each costing a latency plus bytes/bandwidth.
+
+    t_token = max_devices(bytes_d / (bandwidth_d * efficiency)) + n_layers * (layer_overhead + 2 * allreduce)
+              + cpu_bytes / (host_bandwidth * efficiency)                            (split mode tensor)
+
+Batched throughput (prompt processing, n_ubatch tokens per micro-batch) is compute-bound: a card's FLOP/s is
+taken as ``flops_per_byte`` x its bandwidth. Layer split pipelines micro-batches (llama.cpp's pipeline
+parallelism, when every layer is on a device), so the slowest stage sets the rate; tensor split runs every
+micro-batch on all cards at once but pays the all-reduces for all its tokens. Upstream's rule of thumb
+follows: tensor minimises single-stream latency, layer maximises batch throughput.
+
 The two constants were fitted to the decode speeds measured with llama.cpp (CUDA 13) on an H100 SXM
 (3.35 TB/s): an 8B Q4_0 shape at 283.9 tokens/s (4.04 GB of GPU weights) and a 70B Q4_0 shape at 52.6 tokens/s
 (38.7 GB). Two points, two unknowns: efficiency = 0.84 and layer_overhead = 65 us (see docs/TUNER.md).
@@ -18,6 +31,7 @@ The two constants were fitted to the decode speeds measured with llama.cpp (CUDA
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +48,14 @@ class SpeedModel:
     host_bandwidth_bytes_per_s: float = 60e9
     # A card whose bandwidth is unknown (an RPC device) is assumed to be a mid-range GPU.
     default_device_bandwidth_bytes_per_s: float = 500e9
+    # Tensor split: one all-reduce exchange step between the cards. Assumed, not measured: PCIe 4.0 x16 without
+    # peer-to-peer (through host memory, ~25 GB/s) and ~25 us per step for the copy, the add and the stream
+    # synchronisation. NVLink is ~5 us and ~300 GB/s. ``calibrate_allreduce`` fits the latency to one run.
+    allreduce_step_s: float = 25e-6
+    link_bandwidth_bytes_per_s: float = 25e9
+    # Compute-bound batches: dense FLOP/s per byte/s of memory bandwidth (RTX 4090: ~165 TFLOPS FP16 tensor /
+    # 1 TB/s; llama.cpp's quantised matmuls reach about half of that).
+    flops_per_byte: float = 80.0
 
 
 DEFAULT_SPEED_MODEL = SpeedModel()
@@ -81,3 +103,91 @@ def row_split_token_time_s(
     sync = model.row_sync_s_per_layer if sum(1 for b in device_read_bytes if b) > 1 else 0.0
     host = host_read_bytes / (model.host_bandwidth_bytes_per_s * model.efficiency)
     return slowest + n_layers * (model.layer_overhead_s + sync) + host
+
+
+def allreduce_s(n_devices: int, n_bytes: int, model: SpeedModel = DEFAULT_SPEED_MODEL) -> float:
+    """One all-reduce of ``n_bytes`` across ``n_devices``: ceil(log2 n) exchange steps."""
+    if n_devices < 2:
+        return 0.0
+    steps = math.ceil(math.log2(n_devices))
+    return steps * (model.allreduce_step_s + n_bytes / model.link_bandwidth_bytes_per_s)
+
+
+def tensor_split_token_time_s(
+    device_read_bytes: Sequence[int],
+    device_bandwidths: Sequence[float | None],
+    n_device_layers: int,
+    n_embd: int,
+    host_read_bytes: int,
+    host_layers: int,
+    model: SpeedModel = DEFAULT_SPEED_MODEL,
+) -> float:
+    """Per-token decode time when every offloaded layer is cut across all devices (split mode "tensor")."""
+    slowest = max(
+        (
+            read_bytes / ((bandwidth or model.default_device_bandwidth_bytes_per_s) * model.efficiency)
+            for read_bytes, bandwidth in zip(device_read_bytes, device_bandwidths, strict=True)
+        ),
+        default=0.0,
+    )
+    reduce = 2 * allreduce_s(len(device_read_bytes), n_embd * 4, model) if n_device_layers else 0.0
+    host = host_read_bytes / (model.host_bandwidth_bytes_per_s * model.efficiency)
+    host += host_layers * model.layer_overhead_s
+    hop = model.device_hop_s if host_layers and n_device_layers else 0.0
+    return slowest + n_device_layers * (model.layer_overhead_s + reduce) + host + hop
+
+
+def calibrate_allreduce(
+    measured_tokens_per_s: float, predicted_without_reduce_s: float, n_device_layers: int, n_devices: int
+) -> float:
+    """The all-reduce step latency that makes the tensor-split model reproduce one measured decode speed.
+
+    ``predicted_without_reduce_s`` is ``tensor_split_token_time_s`` with ``allreduce_step_s=0`` and an infinite
+    link; the rest of the measured time per token is 2 x n_layers all-reduces of ceil(log2 n) steps each.
+    """
+    steps = 2 * n_device_layers * math.ceil(math.log2(max(n_devices, 2)))
+    return max((1 / measured_tokens_per_s - predicted_without_reduce_s) / steps, 0.0)
+
+
+def layer_split_batch_tokens_per_s(
+    device_flops: Sequence[float],
+    device_bandwidths: Sequence[float | None],
+    n_ubatch: int,
+    pipelined: bool,
+    host_flops: float = 0.0,
+    model: SpeedModel = DEFAULT_SPEED_MODEL,
+) -> float:
+    """Prompt tokens/s with layer split: each stage computes its layers' FLOPs for a micro-batch; pipelined
+    (every layer offloaded) the slowest stage sets the rate, otherwise the stages add up."""
+    stages = [
+        n_ubatch * flops / (model.flops_per_byte * (bandwidth or model.default_device_bandwidth_bytes_per_s))
+        for flops, bandwidth in zip(device_flops, device_bandwidths, strict=True)
+        if flops
+    ]
+    host = n_ubatch * host_flops / (model.flops_per_byte * model.host_bandwidth_bytes_per_s)
+    total = (max(stages, default=0.0) if pipelined else sum(stages)) + host
+    return n_ubatch / total if total else 0.0
+
+
+def tensor_split_batch_tokens_per_s(
+    device_flops: Sequence[float],
+    device_bandwidths: Sequence[float | None],
+    n_ubatch: int,
+    n_device_layers: int,
+    n_embd: int,
+    host_flops: float = 0.0,
+    model: SpeedModel = DEFAULT_SPEED_MODEL,
+) -> float:
+    """Prompt tokens/s with tensor split: all cards compute their slices at once, then 2 all-reduces per layer
+    of the whole micro-batch's activations."""
+    compute = max(
+        (
+            n_ubatch * flops / (model.flops_per_byte * (bandwidth or model.default_device_bandwidth_bytes_per_s))
+            for flops, bandwidth in zip(device_flops, device_bandwidths, strict=True)
+        ),
+        default=0.0,
+    )
+    reduce = n_device_layers * 2 * allreduce_s(len(device_flops), n_embd * 4 * n_ubatch, model)
+    host = n_ubatch * host_flops / (model.flops_per_byte * model.host_bandwidth_bytes_per_s)
+    total = compute + reduce + host
+    return n_ubatch / total if total else 0.0
