@@ -148,3 +148,30 @@ def test_narrow_terminal_table_keeps_every_number_whole(big: Path) -> None:
     text = console.export_text()
     assert "…" not in text and "RTX 4090 [sim]" in text and "sizes in GiB" in text
     assert f"{plan.devices[0].weights_bytes / 1024**3:.2f}" in text
+
+
+@pytest.mark.parametrize("extra", [(), ("--tensor-split", "1,1"), ("--split-mode", "tensor"),
+                                   ("--split-mode", "tensor", "--tensor-split", "3,1")],
+                         ids=["layer", "layer-ts", "tensor", "tensor-ts"])  # fmt: skip
+def test_zero_gpu_layers_means_a_cpu_only_placement(synth_model, extra: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    model = synth_model("tiny-gemma3-q4_k_m")  # 6 blocks + the output layer
+    table = tune_split(model, "--gpus", "24GiB,16GiB", "--n-gpu-layers", "0", *extra)
+    assert table.returncode == 0, table.stderr
+    assert "0 of 7 layers on the devices" in table.stdout
+    flags = tune_split(model, "--gpus", "24GiB,16GiB", "--n-gpu-layers", "0", *extra, "--format", "flags")
+    assert flags.stdout.split()[:2] == ["-ngl", "0"]
+
+
+def test_split_mode_row_is_refused_with_the_reason(big: Path) -> None:
+    result = tune_split(big, "--gpus", "RTX 4090,RTX 4080", "--split-mode", "row")
+    assert result.returncode == 2
+    assert "row is not available on CUDA, ROCm, RPC or CPU devices" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tensor_split_is_planned_for_the_4090_and_4080(big: Path) -> None:
+    result = tune_split(big, "--gpus", "RTX 4090,RTX 4080", "--ctx", "8192", "-sm", "tensor", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["split_mode"] == "tensor" and len(plan["tensor_split"]) == 2 and plan["flash_attn"]
+    assert all(d["free_after_bytes"] >= 0 for d in plan["devices"])

@@ -137,11 +137,12 @@ def test_split_modes_are_all_evaluated(big: Path) -> None:
     devices = discover_devices(gpus="RTX 4090,RTX 4090")
     plan = plan_model(big, PlanRequest(n_ctx=4096), devices, strict=False)
     modes = {a.split_mode: a for a in plan.alternatives}
-    assert set(modes) == {"layer", "row", "none"}
+    assert set(modes) == {"layer", "tensor", "row", "none"}
     assert not modes["none"].fits  # 40 GiB of weights do not fit one card
+    assert modes["tensor"].fits and not modes["row"].fits  # row split no longer exists in this llama.cpp
 
 
-def test_row_split_refused_on_rpc_devices(mid: Path) -> None:
+def test_row_split_rated_unavailable_on_rpc_devices(mid: Path) -> None:
     rpc = Device(name="CPU", kind="rpc", backend="cpu", total_bytes=16 * GiB, free_bytes=16 * GiB)
     plan = plan_model(mid, PlanRequest(n_ctx=2048), [rpc, rpc])
     row = next(a for a in plan.alternatives if a.split_mode == "row")

@@ -1,0 +1,192 @@
+"""Split mode "tensor": the per-device prediction against what the RPC servers allocated, the refusals, and a
+live load.
+
+tests/data/tensor_measurements.json (bench/measure_tensor.py) holds, per case, the buffers each RPC server
+logged with GGML_RPC_DEBUG=1 after loading the model with ``-sm tensor`` and decoding one full batch: that log
+is the per-device truth, since llama.cpp reports only the aggregate Meta() device in this mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.kit.rpcbed import classify, logged_rpc_servers
+from tuner import PlanRequest
+from tuner.devices import Device
+from tuner.errors import PlanRequestError
+from tuner.gguf import read_model
+from tuner.llamacpp import load_and_report
+from tuner.model import ModelInfo
+from tuner.planner import ROW_UNAVAILABLE, plan
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+DATA = json.loads((Path(__file__).parent / "data" / "tensor_measurements.json").read_text())
+MEASURED = [c for c in DATA["cases"] if "measured" in c]
+CRASHED = [c for c in DATA["cases"] if "error" in c]
+
+
+@functools.cache
+def _read(path: str) -> ModelInfo:
+    return read_model(path)
+
+
+@pytest.fixture
+def model_by_key(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    def get(key: str) -> ModelInfo:
+        if key == "smollm2":
+            return _read(str(request.getfixturevalue("smollm2")))
+        if key == "gemma3-270m":
+            return _read(str(request.getfixturevalue("gemma3")))
+        return _read(str(request.getfixturevalue("synth_model")(key)))
+
+    return get
+
+
+def rpc_devices(n: int, free_bytes: int = 64 * GiB) -> list[Device]:
+    """Devices as query_rpc_devices describes local CPU-backed RPC servers."""
+    return [
+        Device(name=f"RPC0[127.0.0.1:{50052 + i}]", kind="rpc", backend="cpu", total_bytes=free_bytes,
+               free_bytes=free_bytes, endpoint=f"127.0.0.1:{50052 + i}")
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def request_for(case: dict) -> PlanRequest:  # type: ignore[type-arg]
+    settings = case["settings"]
+    return PlanRequest(
+        split_mode="tensor", tensor_split=tuple(case["tensor_split"]) if case["tensor_split"] else None,
+        n_gpu_layers=case["n_gpu_layers"], n_ctx=settings["n_ctx"], n_seq_max=settings.get("n_seq_max", 1),
+        n_ubatch=settings.get("n_ubatch", 512), type_k=settings.get("type_k", "f16"),
+        type_v=settings.get("type_v", "f16"), flash_attn=settings["flash_attn"],
+        swa_full=settings.get("swa_full", True), reserve_bytes=0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MEASURED, ids=[c["id"] for c in MEASURED])
+def test_tensor_split_prediction_matches_rpc_allocation_logs(case: dict, model_by_key) -> None:  # type: ignore[no-untyped-def,type-arg]
+    model = model_by_key(case["model"])
+    result = plan(model, rpc_devices(case["n_rpc"]), request_for(case))
+    assert result.split_mode == "tensor" and result.fits
+    for device, measured in zip(result.devices, case["measured"], strict=True):
+        where = f"device {device.index}: predicted {device.weights_bytes}/{device.kv_bytes}/{device.compute_bytes}"
+        assert abs(device.weights_bytes - measured["weights_bytes"]) <= MiB, f"{where}, measured {measured}"
+        assert abs(device.kv_bytes - measured["kv_bytes"]) <= MiB, f"{where}, measured {measured}"
+        actual_total = measured["weights_bytes"] + measured["kv_bytes"] + measured["compute_bytes"]
+        predicted_total = device.weights_bytes + device.kv_bytes + device.compute_bytes
+        assert abs(actual_total - predicted_total) <= max(0.03 * actual_total, 16 * MiB), f"{where}, {measured}"
+
+
+@pytest.mark.parametrize("case", MEASURED, ids=[c["id"] for c in MEASURED])
+def test_tensor_split_prediction_is_exact_on_rpc_devices(case: dict, model_by_key) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """Stronger than the tolerance: weights, KV and compute (with the all-reduce scratch) to the byte."""
+    model = model_by_key(case["model"])
+    result = plan(model, rpc_devices(case["n_rpc"]), request_for(case))
+    predicted = [
+        {"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes}
+        for d in result.devices
+    ]
+    assert predicted == case["measured"]
+
+
+@pytest.mark.parametrize("case", CRASHED, ids=[c["id"] for c in CRASHED])
+def test_tensor_split_refuses_the_cut_that_aborted_llama_cpp(case: dict, model_by_key) -> None:  # type: ignore[no-untyped-def,type-arg]
+    model = model_by_key(case["model"])
+    with pytest.raises(PlanRequestError, match="tensor write out of bounds"):
+        plan(model, rpc_devices(case["n_rpc"]), request_for(case))
+
+
+def test_tensor_split_refuses_flash_attention_off(smollm2: Path) -> None:
+    request = PlanRequest(split_mode="tensor", flash_attn="off")
+    with pytest.raises(PlanRequestError, match=r"requires flash_attn to be enabled.*--flash-attn on"):
+        plan(_read(str(smollm2)), rpc_devices(2), request)
+
+
+def test_tensor_split_refuses_an_excluded_architecture(smollm2: Path) -> None:
+    model = dataclasses.replace(_read(str(smollm2)), architecture="olmoe")
+    with pytest.raises(PlanRequestError, match=r"not implemented for architecture 'olmoe'.*--split-mode layer"):
+        plan(model, rpc_devices(2), PlanRequest(split_mode="tensor"))
+
+
+@pytest.mark.parametrize("gpus", ["cuda", "rocm", "rpc"])
+def test_row_split_is_refused_on_every_device_kind(smollm2: Path, gpus: str) -> None:
+    if gpus == "rpc":
+        devices = rpc_devices(2)
+    else:
+        devices = [
+            Device(name=f"GPU{i}", kind=gpus, backend=gpus, total_bytes=24 * GiB, free_bytes=24 * GiB)  # type: ignore[arg-type]
+            for i in range(2)
+        ]
+    with pytest.raises(PlanRequestError, match="row is not available on CUDA, ROCm, RPC or CPU"):
+        plan(_read(str(smollm2)), devices, PlanRequest(split_mode="row"))
+    alternatives = {a.split_mode: a for a in plan(_read(str(smollm2)), devices, PlanRequest()).alternatives}
+    assert not alternatives["row"].fits and ROW_UNAVAILABLE in alternatives["row"].note
+
+
+def test_tensor_split_plans_proportions_for_mismatched_cards(synth_model) -> None:  # type: ignore[no-untyped-def]
+    """The 4090 + 4080 example: every device within its budget, the larger card taking the larger share."""
+    from tuner.inventory.simulated import simulated_devices
+
+    model = read_model(str(synth_model("llama-70b-q4_k_m")))
+    result = plan(model, simulated_devices("RTX 4090,RTX 4080"), PlanRequest(split_mode="tensor", n_ctx=8192))
+    assert result.fits and result.split_mode == "tensor"
+    assert result.tensor_split[0] > result.tensor_split[1]
+    assert all(d.free_after_bytes >= 0 for d in result.devices)
+    assert 60 <= result.n_gpu_layers <= 81
+    assert {a.split_mode for a in result.alternatives} == {"layer", "none", "tensor", "row"}
+
+
+def test_tensor_split_max_ctx_and_shortfall(smollm2: Path) -> None:
+    model = _read(str(smollm2))
+    small = rpc_devices(2, free_bytes=220 * MiB)
+    best = plan(model, small, PlanRequest(split_mode="tensor", max_ctx=True, reserve_bytes=0))
+    assert best.fits and best.n_gpu_layers == model.n_layer + 1 and 256 <= best.n_ctx < model.n_ctx_train
+    larger = plan(model, small, PlanRequest(split_mode="tensor", n_ctx=best.n_ctx + 256, reserve_bytes=0))
+    assert larger.n_gpu_layers < model.n_layer + 1  # one step more context no longer fits every layer
+    over = plan(model, small, PlanRequest(split_mode="tensor", n_ctx=model.n_ctx_train, n_gpu_layers=31,
+                                          tensor_split=(0.5, 0.5), reserve_bytes=0))  # fmt: skip
+    assert not over.fits and "short" in over.verdict and "What would help" in over.verdict
+
+
+def test_latency_objective_picks_tensor_split_when_predicted_faster(synth_model) -> None:  # type: ignore[no-untyped-def]
+    from tuner.inventory.simulated import simulated_devices
+
+    model = read_model(str(synth_model("llama-70b-q4_k_m")))
+    devices = simulated_devices("2x RTX 4090")
+    latency = plan(model, devices, PlanRequest(n_ctx=8192, objective="latency"))
+    throughput = plan(model, devices, PlanRequest(n_ctx=8192, objective="throughput"))
+    assert latency.split_mode == "tensor" and throughput.split_mode == "layer"
+    by_mode = {a.split_mode: a for a in latency.alternatives}
+    assert (by_mode["tensor"].predicted_tokens_per_s or 0) > (by_mode["layer"].predicted_tokens_per_s or 0)
+    assert (by_mode["layer"].batch_tokens_per_s or 0) > (by_mode["tensor"].batch_tokens_per_s or 0)
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize(
+    ("model_key", "split", "n_gpu_layers", "cache"),
+    [("smollm2", (0.7, 0.3), 31, "f16"), ("tiny-qwen2-q8_0", (0.45, 0.55), 3, "q8_0")],
+    ids=["smollm2-full-f16", "qwen2-partial-q8_0"],
+)
+def test_tensor_plan_loads_and_each_rpc_server_allocates_the_prediction(
+    model_key: str, split: tuple[float, ...], n_gpu_layers: int, cache: str, request: pytest.FixtureRequest
+) -> None:
+    if model_key == "smollm2":
+        path = request.getfixturevalue("smollm2")
+    else:
+        path = request.getfixturevalue("synth_model")(model_key)
+    with logged_rpc_servers(2) as servers:
+        result = plan(read_model(str(path)), rpc_devices(2), PlanRequest(
+            split_mode="tensor", tensor_split=split, n_gpu_layers=n_gpu_layers, n_ctx=1024,
+            type_k=cache, type_v=cache, reserve_bytes=0,
+        ))  # fmt: skip
+        load_and_report(path, result.load_settings(), rpc_endpoints=[s.endpoint for s in servers], warmup_tokens=512)
+        for device, server in zip(result.devices, servers, strict=True):
+            measured = classify(server.allocations())
+            assert (device.weights_bytes, device.kv_bytes, device.compute_bytes) == (
+                measured.weights_bytes, measured.kv_bytes, measured.compute_bytes,
+            )  # fmt: skip
