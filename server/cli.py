@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, help="layers to offload")
     add("-ts", "--tensor-split", help="share of layers per device, e.g. 3,1")
     add("-mg", "--main-gpu", type=int, help="device for the whole model (split mode none) or small tensors")
-    add("-sm", "--split-mode", choices=["layer", "row", "none"], help="how to split across devices")
+    add("-sm", "--split-mode", choices=["layer", "tensor", "row", "none"], help="how to split across devices")
     add("-ctk", "--cache-type-k", help="K cache type (f16, q8_0, q4_0, ...)")
     add("-ctv", "--cache-type-v", help="V cache type (a quantised V needs flash attention)")
     add("-fa", "--flash-attn", choices=["on", "off", "auto"], help="flash attention")
