@@ -17,9 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner.errors import HubError
-from tuner.hub import FileLocation, Hub, hub_errors
-from tuner.hubref import HubReference
+from tuner import FileLocation, Hub, HubError, HubReference, hub_errors
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _GIT_SHA1 = re.compile(r"^[0-9a-f]{40}$")

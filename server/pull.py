@@ -14,14 +14,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuner.errors import HubError
+from tuner import HubError
 
 if TYPE_CHECKING:
     from server.download import PlannedFile
-    from tuner.devices import Device
-    from tuner.hub import Hub
-    from tuner.hubref import HubReference, RemoteModel
-    from tuner.plan import PlanRequest
+    from tuner import Device, Hub, HubReference, PlanRequest, RemoteModel
 
 PULL_HELP = """\
 Download a GGUF model from the Hugging Face Hub into models/ and print the tuner's plan for it.
@@ -60,9 +57,7 @@ def _positive_int(text: str) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from tuner.hub import Hub
-    from tuner.inventory import discover_devices
-    from tuner.plan import PlanRequest
+    from tuner import Hub, PlanRequest, discover_devices
 
     hub = Hub()
     ref = hub.parse(args.reference)
@@ -113,8 +108,9 @@ def _resolve(
 ) -> list[PlannedFile]:
     """The files to download: the model ``ref`` names, or the largest quantisation that fits."""
     from server.download import PlannedFile
-    from tuner.hubref import select_model
-    from tuner.quants import choose, plan_options
+    from tuner import choose_quantisation as choose
+    from tuner import plan_quantisations as plan_options
+    from tuner import select_model
 
     listing = hub.listing(ref)
     model: RemoteModel
@@ -138,8 +134,7 @@ def _resolve(
 def _plan_local(path: Path, request: PlanRequest, devices: list[Device], note: str | None = None) -> int:
     from rich.console import Console
 
-    from tuner.api import plan_model
-    from tuner.render import render_plan
+    from tuner import plan_model, render_plan
 
     if note:
         print(f"llamasplit: {note}; planning {path}", file=sys.stderr)
@@ -157,8 +152,7 @@ def _offline() -> bool:
 
 def _local_copy(ref: HubReference, folder: Path) -> Path:
     """Offline: the copy of ``ref`` a previous pull left in ``folder``, found by file name or quantisation tag."""
-    from tuner.gguf import SPLIT_NAME
-    from tuner.hubref import quant_tag
+    from tuner import SPLIT_NAME, quant_tag
 
     found: list[Path] = []
     if ref.filename is not None:

@@ -34,3 +34,28 @@ def test_tuner_core_imports_neither_llama_cpp_nor_drivers_nor_http() -> None:
         "('llama_cpp', 'pynvml', 'amdsmi', 'fastapi', 'server', 'uvicorn'))))"
     )
     assert loaded.strip() == ""
+
+
+def test_engine_protocol_imports_neither_llama_cpp_nor_http() -> None:
+    loaded = run_python(
+        "import sys, server.engine, server.engine.protocol, server.engine.errors; "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('llama_cpp', 'fastapi', 'starlette', 'uvicorn', 'httpx', 'pydantic', 'tuner'))))"
+    )
+    assert loaded.strip() == ""
+
+
+def test_the_server_uses_the_tuner_through_its_public_packages_only() -> None:
+    import ast
+    from pathlib import Path
+
+    public = {"tuner", "tuner.llamacpp"}
+    offenders = []
+    for path in sorted((Path(__file__).parents[1] / "server").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tuner":
+                if node.module not in public:
+                    offenders.append(f"{path.name}: from {node.module} import ...")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("tuner.")]
+    assert offenders == []

@@ -11,8 +11,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# name -> "module" (the same name there) or "module:attribute".
 _EXPORTS = {
     "plan_model": "tuner.api",
+    "SPLIT_NAME": "tuner.gguf",
+    "Hub": "tuner.hub",
+    "HubError": "tuner.errors",
+    "FileLocation": "tuner.hub",
+    "hub_errors": "tuner.hub",
+    "HubReference": "tuner.hubref",
+    "RemoteModel": "tuner.hubref",
+    "quant_tag": "tuner.hubref",
+    "select_model": "tuner.hubref",
+    "choose_quantisation": "tuner.quants:choose",
+    "plan_quantisations": "tuner.quants:plan_options",
     "discover_devices": "tuner.inventory",
     "gguf_files": "tuner.files",
     "model_alias": "tuner.files",
@@ -38,35 +50,49 @@ _EXPORTS = {
 }
 __all__ = [
     "CACHE_TYPES",
+    "SPLIT_NAME",
     "Device",
     "DevicePlan",
     "DoesNotFitError",
+    "FileLocation",
     "FlashAttn",
     "GGUFError",
     "HostUsage",
+    "Hub",
+    "HubError",
+    "HubReference",
     "InventoryError",
     "LoadSettings",
     "MiB",
     "Plan",
     "PlanRequest",
     "PlanRequestError",
+    "RemoteModel",
     "SplitMode",
     "TunerError",
+    "choose_quantisation",
     "discover_devices",
     "gguf_files",
+    "hub_errors",
     "model_alias",
     "nvml_key",
     "nvml_used_bytes",
     "plan_model",
+    "plan_quantisations",
+    "quant_tag",
     "render_plan",
+    "select_model",
     "use_pci_bus_order",
 ]
 
 if TYPE_CHECKING:
     from tuner.api import plan_model
     from tuner.devices import Device
-    from tuner.errors import DoesNotFitError, GGUFError, InventoryError, PlanRequestError, TunerError
+    from tuner.errors import DoesNotFitError, GGUFError, HubError, InventoryError, PlanRequestError, TunerError
     from tuner.files import gguf_files, model_alias
+    from tuner.gguf import SPLIT_NAME
+    from tuner.hub import FileLocation, Hub, hub_errors
+    from tuner.hubref import HubReference, RemoteModel, quant_tag, select_model
     from tuner.inventory import discover_devices
     from tuner.inventory.nvidia import nvml_key, nvml_used_bytes, use_pci_bus_order
     from tuner.plan import (
@@ -80,11 +106,14 @@ if TYPE_CHECKING:
         PlanRequest,
         SplitMode,
     )
+    from tuner.quants import choose as choose_quantisation
+    from tuner.quants import plan_options as plan_quantisations
     from tuner.render import render_plan
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    target = _EXPORTS.get(name)
+    if target is None:
         raise AttributeError(f"module 'tuner' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute or name)

@@ -6,12 +6,10 @@ the other parts are found beside it.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from tuner.errors import GGUFError
-
-SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
+from tuner.gguf import SPLIT_NAME
 
 
 def gguf_files(folder: Path) -> list[Path]:
@@ -27,13 +25,13 @@ def gguf_files(folder: Path) -> list[Path]:
         if match is None:
             models.append(path)
             continue
-        if int(match["part"]) != 1:
+        if int(match["no"]) != 1:
             continue
-        total = int(match["total"])
+        total = int(match["count"])
         missing = [
-            f"{match['stem']}-{i:05d}-of-{total:05d}.gguf"
+            f"{match['prefix']}-{i:05d}-of-{total:05d}.gguf"
             for i in range(2, total + 1)
-            if not (folder / f"{match['stem']}-{i:05d}-of-{total:05d}.gguf").is_file()
+            if not (folder / f"{match['prefix']}-{i:05d}-of-{total:05d}.gguf").is_file()
         ]
         if missing:
             raise GGUFError(f"split model {path.name} is incomplete: {', '.join(missing)} missing in {folder}/")
@@ -44,4 +42,4 @@ def gguf_files(folder: Path) -> list[Path]:
 def model_alias(path: Path) -> str:
     """The name clients use: the file name without .gguf (and without -00001-of-0000N for split files)."""
     match = SPLIT_NAME.match(path.name)
-    return match["stem"] if match else path.name.removesuffix(".gguf")
+    return match["prefix"] if match else path.name.removesuffix(".gguf")

@@ -259,7 +259,7 @@ def _describe_exit(returncode: int) -> str:
 
 
 def _remote_error(error_type: str, text: str) -> Exception:
-    from tuner.errors import DoesNotFitError, GGUFError, PlanRequestError, TunerError
+    from tuner import DoesNotFitError, GGUFError, PlanRequestError, TunerError
 
     known: dict[str, type[Exception]] = {
         "DoesNotFitError": DoesNotFitError,

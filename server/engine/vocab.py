@@ -21,9 +21,9 @@ from server.engine.protocol import GenerationRequest
 @functools.cache
 def llama_cpp() -> Any:
     """llama_cpp, imported and initialised on first use (importing this module stays cheap)."""
-    from tuner.llamacpp import libs
+    from tuner.llamacpp import llama_cpp_module
 
-    module = libs.llama_cpp_module()
+    module = llama_cpp_module()
     module.llama_backend_init()
     return module
 

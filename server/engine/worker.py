@@ -150,9 +150,9 @@ class Worker:
 
 def _route_llama_log() -> Any:
     """llama.cpp's log into Python logging: INFO chatter at DEBUG, warnings and errors as such."""
-    from tuner.llamacpp import libs
+    from tuner.llamacpp import llama_cpp_module
 
-    lc = libs.llama_cpp_module()
+    lc = llama_cpp_module()
     levels = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
     llama_log = logging.getLogger("llamasplit.llama_cpp")
     state: dict[str, Any] = {"level": logging.DEBUG, "partial": ""}

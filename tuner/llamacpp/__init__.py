@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         capture_llama_log,
         parse_log,
     )
+    from tuner.llamacpp.libs import llama_cpp_module
     from tuner.llamacpp.load import load_and_report
     from tuner.llamacpp.open import (
         GGML_TYPE_IDS,
@@ -60,6 +61,7 @@ _MODULE_OF = {
     "open_model": "open",
     "open_vocab": "open",
     "load_and_report": "load",
+    "llama_cpp_module": "libs",
     "device_list": "rpc",
     "probe_rpc_endpoint": "rpc",
     "query_rpc_devices": "rpc",
@@ -83,6 +85,7 @@ __all__ = [
     "default_threads",
     "device_list",
     "ggml_type_id",
+    "llama_cpp_module",
     "load_and_report",
     "memory_breakdown_rows",
     "open_model",
