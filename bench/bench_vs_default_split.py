@@ -37,6 +37,11 @@ GiB = 1024**3
 
 
 def describe(plan: Plan) -> str:
+    if plan.split_mode == "tensor":  # every card holds a slice of every offloaded layer
+        return "; ".join(
+            f"{d.name.replace('NVIDIA GeForce ', '')}: {d.n_layers} cut, {d.free_after_bytes / GiB:+.2f} GiB left"
+            for d in plan.devices
+        )
     parts = [f"{d.name.replace('NVIDIA GeForce ', '')}: {d.n_layers} layers, {d.free_after_bytes / GiB:+.2f} GiB left"
              for d in plan.devices]
     return "; ".join(parts)
@@ -59,6 +64,7 @@ def with_fit(path: Path, devices: list[Device], request: FitRequest) -> tuple[Fi
 def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         path = synth.write_gguf(Path(scratch) / "llama-70b-q4_k_m.gguf", synth.LLAMA_70B, "Q4_K_M", sparse=True)
+        side_by_side: list[tuple[str, Plan, Plan]] = []
         print("| cards | context | placement | -ngl / -ts | fits | per card | decode tok/s (model) |")
         print("|---|---|---|---|---|---|---|")
         for spec in ("RTX 4090,RTX 4080", "24GiB,16GiB"):
@@ -80,6 +86,8 @@ def main() -> int:
                     n_ctx=n_ctx, n_gpu_layers=planned_1g.n_gpu_layers, tensor_split=planned_1g.tensor_split
                 )
                 ours_1g = plan_model(path, as_planned, devices, strict=False)
+                tensor = plan_model(path, PlanRequest(n_ctx=n_ctx, split_mode="tensor"), devices, strict=False)
+                side_by_side.append((spec, ours, tensor))
                 rows = [
                     ("llama.cpp default", default),
                     ("llama.cpp --fit (default, -c unset)", fit_auto),
@@ -88,12 +96,22 @@ def main() -> int:
                     ("tune-split, 1 GiB reserve (as --fit)", ours_1g),
                     ("tune-split, q8_0 KV", q8),
                     ("tune-split --max-ctx, same -ngl", most),
+                    ("tune-split -sm tensor (speed)", tensor),
                 ]
                 for label, plan in rows:
                     ts = ",".join(f"{v:g}" for v in plan.tensor_split)
                     rate = f"{plan.predicted_tokens_per_s:.1f}" if plan.fits and plan.predicted_tokens_per_s else "OOM"
                     print(f"| {spec} | {plan.n_ctx} | {label} | {plan.n_gpu_layers} / {ts} | "
                           f"{'yes' if plan.fits else 'NO'} | {describe(plan)} | {rate} |")
+        print()
+        print("| cards | split | -ngl / -ts | 1 stream tok/s (model) | batched prompt tok/s (model) |")
+        print("|---|---|---|---|---|")
+        for spec, layer, tensor in side_by_side:
+            for plan in (layer, tensor):
+                rates = {a.split_mode: a for a in plan.alternatives}[plan.split_mode]
+                ts = ",".join(f"{v:g}" for v in plan.tensor_split)
+                print(f"| {spec} | {plan.split_mode} | {plan.n_gpu_layers} / {ts} | "
+                      f"{rates.predicted_tokens_per_s or 0:.1f} | {rates.batch_tokens_per_s or 0:.0f} |")
     return 0
 
 
