@@ -47,6 +47,7 @@ models: $(STAMP)/models
 
 test: $(STAMP)/project $(STAMP)/models
 	$(VENV)/bin/ruff check tuner server tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 serve: $(STAMP)/project
@@ -55,6 +56,7 @@ serve: $(STAMP)/project
 
 lint: $(STAMP)/project
 	$(VENV)/bin/ruff check tuner server tests bench
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)/project $(STAMP)/models
 	$(PY) bench/bench_plan.py

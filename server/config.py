@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -245,16 +246,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _toml_module(path: Path) -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
     try:
-        import tomllib  # Python 3.11+
-    except ImportError:
-        try:
-            import tomli as tomllib  # the same parser, for Python 3.10
-        except ImportError as exc:
-            raise ConfigError(
-                f"reading {path} needs Python 3.11 or `pip install tomli`; or write the config as YAML"
-            ) from exc
-    return tomllib
+        import tomli  # the same parser, for Python 3.10
+    except ImportError as exc:
+        raise ConfigError(
+            f"reading {path} needs Python 3.11 or `pip install tomli`; or write the config as YAML"
+        ) from exc
+    return tomli
 
 
 def load_settings(cli: dict[str, Any] | None = None) -> Settings:

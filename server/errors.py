@@ -224,7 +224,7 @@ def param_path(loc: tuple[str | int, ...], data: Any = None, missing: bool = Fal
             in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
             in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
             if in_dict or in_list:
-                node = node[part]  # type: ignore[index]
+                node = node[part]
             elif not (missing and i == len(loc) - 1):
                 continue  # a union branch or discriminator tag, not part of the request
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))

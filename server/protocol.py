@@ -326,9 +326,12 @@ class CompletionRequest(_SamplingRequest):
     def prompt_value(self) -> str | list[int]:
         """The single prompt, unwrapped from the one-element batch forms."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            return prompt[0]  # type: ignore[return-value]
-        return prompt  # type: ignore[return-value]
+        if isinstance(prompt, str):
+            return prompt
+        first = prompt[0] if prompt else None
+        if isinstance(first, str | list):
+            return first
+        return [token for token in prompt if isinstance(token, int)]  # validated: all are ids
 
 
 # Messages for fields whose every union branch failed (pydantic would list one error per branch).
@@ -451,13 +454,16 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+ModelStatus = Literal["unloaded", "loading", "ready", "failed"]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llamasplit"
     # Extensions: where the model came from and whether it can take requests yet.
-    status: Literal["unloaded", "loading", "ready", "failed"]
+    status: ModelStatus
     path: str
     n_ctx: int  # KV cells of the context, all sequences together
     n_ctx_per_seq: int  # tokens one request may hold (prompt plus completion)

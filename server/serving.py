@@ -8,7 +8,7 @@ so that it is a 400 before any slot is taken or any byte of a stream is sent.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from server.admission import Admission
 from server.engine import (
     Engine,
     FinishEvent,
+    FinishReason,
     GenerationEvent,
     GenerationRequest,
     OutputConstraint,
@@ -80,8 +81,9 @@ def template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     for message in request.messages:
         role = "system" if isinstance(message, DeveloperMessage) else message.role
         item: dict[str, Any] = {"role": role, "content": message_text(message.content) or ""}
-        if getattr(message, "name", None):
-            item["name"] = message.name  # type: ignore[union-attr]
+        name = getattr(message, "name", None)
+        if name:
+            item["name"] = name
         if isinstance(message, AssistantMessage) and message.tool_calls:
             item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
         if isinstance(message, ToolMessage):
@@ -204,7 +206,9 @@ def output_constraint(request: ChatCompletionRequest | CompletionRequest) -> Out
 # --- running ---------------------------------------------------------------------------------------------
 
 
-async def events(prepared: Prepared, admission: Admission, metrics: Metrics) -> AsyncIterator[GenerationEvent]:
+async def events(
+    prepared: Prepared, admission: Admission, metrics: Metrics
+) -> AsyncGenerator[GenerationEvent, None]:
     """Wait for a slot, run the engine, record metrics; closing this iterator cancels the generation."""
     model = prepared.model
     engine = prepared.engine
@@ -280,14 +284,16 @@ async def chat_completion(prepared: Prepared, stream: AsyncIterator[GenerationEv
     )
 
 
-async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> AsyncIterator[str]:
+async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> AsyncGenerator[str, None]:
     """SSE events of a streamed chat completion, ending in ``data: [DONE]`` (or an error event)."""
 
-    def chunk(delta: ChatDelta, finish: str | None = None, logprobs: list[TokenLogprobEntry] | None = None) -> str:
+    def chunk(
+        delta: ChatDelta, finish: FinishReason | None = None, logprobs: list[TokenLogprobEntry] | None = None
+    ) -> str:
         choice = ChatChunkChoice(
             index=0,
             delta=delta,
-            finish_reason=finish,  # type: ignore[arg-type]
+            finish_reason=finish,
             logprobs=ChoiceLogprobs(content=logprobs) if logprobs is not None else None,
         )
         body = ChatCompletionChunk(
@@ -363,13 +369,15 @@ async def completion(prepared: Prepared, stream: AsyncIterator[GenerationEvent])
     )
 
 
-async def completion_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None, logprobs: CompletionLogprobs | None = None) -> str:
+async def completion_sse(
+    prepared: Prepared, stream: AsyncIterator[GenerationEvent]
+) -> AsyncGenerator[str, None]:
+    def chunk(text: str, finish: FinishReason | None = None, logprobs: CompletionLogprobs | None = None) -> str:
         body = Completion(
             id=prepared.id,
             created=prepared.created,
             model=prepared.model.alias,
-            choices=[CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=finish)],
         )
         return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
 

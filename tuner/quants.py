@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from rich.console import Group, RenderableType
 from rich.table import Table
-from rich.text import Text
+from rich.text import JustifyMethod, Text
 
 from tuner.api import plan_model
 from tuner.devices import Device
@@ -128,11 +128,12 @@ def render_options(
     context = f"context {request.n_ctx}" if request.n_ctx else "the largest context with every layer on the GPUs"
     heading = Text(f"{listing.repo_id} @ {listing.commit[:12]}\nplanned for {where}, at {context}")
     table = Table(show_lines=False)
-    for column, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("quant", "left"), ("size", "right"), ("files", "right"), ("fits", "left"), ("context", "right"),
         ("GPU layers", "right"), ("tokens/s", "right"), ("file", "left"),
-    ):  # fmt: skip
-        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    )  # fmt: skip
+    for column, justify in columns:
+        table.add_column(column, justify=justify, no_wrap=True)
     styles = {"yes": "bold green", "partly": "yellow", "CPU only": "", "no": "red", "unreadable": "red"}
     notes: list[RenderableType] = []
     for option in options:

@@ -7,7 +7,7 @@ import shlex
 
 from rich.console import Group, RenderableType
 from rich.table import Table
-from rich.text import Text
+from rich.text import JustifyMethod, Text
 
 from tuner.plan import DevicePlan, Plan
 
@@ -81,14 +81,14 @@ def render_plan(plan: Plan, width: int | None = None) -> RenderableType:
         + ("" if with_bar else " · sizes in GiB")
     )
     table = Table(title=title, title_justify="left", show_lines=False)
-    columns = [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("#", "right"), ("device", "left"), ("layers", "left"), ("weights", "right"), ("KV", "right"),
         ("compute", "right"), ("overhead", "right"), ("total", "right"), ("free", "right"), ("left", "right"),
     ]
     if with_bar:
         columns.append(("memory", "left"))
     for column, justify in columns:
-        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        table.add_column(column, justify=justify, no_wrap=True)
     for device in plan.devices:
         left_style = "red" if device.free_after_bytes < 0 else ""
         row: list[RenderableType] = [

@@ -11,14 +11,13 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.errors import EngineError, EngineRequestError
-
-TemplateSource = Literal["config", "gguf", "fallback"]
+from server.engine.protocol import TemplateSource
 
 # ChatML: the most common template; SmolLM2 and Qwen use it. Its end marker doubles as a stop string.
 CHATML_TEMPLATE = (

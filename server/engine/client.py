@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from server.engine.protocol import (
     GenerationRequest,
     ModelFacts,
     StepStats,
+    TemplateSource,
     TokenEvent,
 )
 from server.engine.vocab import Tokenizer
@@ -338,7 +339,7 @@ class WorkerEngine:
     def stop_strings(self) -> tuple[str, ...]:
         return self.tokenizer.template.stop_strings
 
-    def chat_template_source(self) -> str:
+    def chat_template_source(self) -> TemplateSource:
         return self.tokenizer.template.source
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
@@ -351,7 +352,7 @@ class WorkerEngine:
     def stats(self) -> EngineStats | None:
         return self._stats
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the request's events; closing the iterator cancels it in the engine at its next step."""
         if self._closed:
             raise EngineError(f"model {self.key} is unloaded")

@@ -8,7 +8,7 @@ data (picklable, no llama.cpp, no HTTP), because requests and events cross a pro
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -69,6 +69,7 @@ class TokenEvent:
 
 
 FinishReason = Literal["stop", "length"]
+TemplateSource = Literal["config", "gguf", "fallback"]  # where a model's chat template came from
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class Engine(Protocol):
     def stop_strings(self) -> tuple[str, ...]:
         """Stop strings every chat request gets (the fallback template's end marker)."""
 
-    def chat_template_source(self) -> str:
+    def chat_template_source(self) -> TemplateSource:
         """Where the chat template came from: "config", "gguf" or "fallback"."""
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
@@ -160,7 +161,7 @@ class Engine(Protocol):
         Raises EngineRequestError; returns the request as the engine will run it.
         """
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]: ...
 
     def stats(self) -> EngineStats | None:
         """The latest accounting the engine reported (None before its first step)."""

@@ -247,8 +247,9 @@ def parse_log(lines: list[tuple[int, str]]) -> BufferReport:
 
 def _set_cparam(report: BufferReport, key: str, value: str) -> None:
     if key == "flash_attn":
-        if value in ("auto", "enabled", "disabled"):
-            report.flash_attn_requested = value  # type: ignore[assignment]
+        names: dict[str, FlashAttnName] = {"auto": "auto", "enabled": "enabled", "disabled": "disabled"}
+        if value in names:
+            report.flash_attn_requested = names[value]
     elif key == "kv_unified":
         report.kv_unified = value == "true"
     else:

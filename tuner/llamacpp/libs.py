@@ -49,7 +49,10 @@ def llama_cpp_module() -> ModuleType:
 
 def lib_dir() -> Path:
     """The folder holding libllama.so and the libggml*.so files of the installed llama_cpp."""
-    return Path(llama_cpp_module().__file__).parent / "lib"
+    module_file = llama_cpp_module().__file__
+    if module_file is None:  # a namespace package: not an installed llama_cpp
+        raise LlamaCppMissingError("llama_cpp has no __file__; reinstall llama-cpp-python")
+    return Path(module_file).parent / "lib"
 
 
 def _loaded_paths() -> set[str]:

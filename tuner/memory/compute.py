@@ -145,9 +145,9 @@ def _representatives(shape: _Shape, with_types: bool) -> tuple[int, ...]:
     per_layer: list[list[tuple[str, str | None, tuple[int, ...]]]] = [[] for _ in range(shape.n_layer)]
     for name, type_, ne in shape.weights:
         if name.startswith("blk."):
-            _, il, rest = name.split(".", 2)
-            if int(il) < shape.n_layer:
-                per_layer[int(il)].append((rest, type_ if with_types else None, ne))
+            _, layer_text, rest = name.split(".", 2)
+            if int(layer_text) < shape.n_layer:
+                per_layer[int(layer_text)].append((rest, type_ if with_types else None, ne))
     first: dict[tuple[object, ...], int] = {}
     reps = []
     for il in range(shape.n_layer):

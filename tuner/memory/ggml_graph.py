@@ -58,7 +58,7 @@ class _T:
         self.ne = (*ne, 1, 1, 1, 1)[:4]
         self.nb = nb if nb is not None else _contiguous_nb(type_, self.ne)
         self.src = src
-        self.view_src = view_src.view_src or view_src if view_src is not None else None
+        self.view_src: _T | None = view_src.view_src or view_src if view_src is not None else None
         self.name = name
         self.flags = 0
         self.home: int | None = None

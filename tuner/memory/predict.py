@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tuner.devices import Device
+from tuner.devices import AllocatorBackend, Device
 from tuner.layout import Layout, RuntimeSettings
 from tuner.memory.compute import ComputeBuffers, estimate_compute
 from tuner.memory.kv import layer_kv_bytes
@@ -50,7 +50,8 @@ class MemoryModel:
         self.devices = tuple(devices)
         self.settings = settings
         self.groups = group_tensors(model)
-        backends = {d.backend for d in self.devices} | {"cpu"}
+        cpu: AllocatorBackend = "cpu"
+        backends = {d.backend for d in self.devices} | {cpu}
         # Bytes of each entry (blocks, then the output layer) per allocator backend, and KV per block.
         self.entry_bytes = {
             backend: [group_bytes(block, backend) for block in self.groups.blocks]
