@@ -11,9 +11,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rich.console import Group, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.table import Table
-from rich.text import JustifyMethod, Text
+from rich.text import Text
 
 from tuner.api import plan_model
 from tuner.devices import Device

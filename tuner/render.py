@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import shlex
 
-from rich.console import Group, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.table import Table
-from rich.text import JustifyMethod, Text
+from rich.text import Text
 
 from tuner.plan import DevicePlan, Plan
 
