@@ -18,6 +18,7 @@ from typing import Any
 from server.config import is_loopback, load_settings
 from server.errors import ConfigError
 from server.pull import add_pull_parser
+from server.rpc_worker import add_rpc_worker_parser
 
 log = logging.getLogger("llamasplit.cli")
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)")
     add("--debug", action="store_true", help="show tracebacks")
     add_pull_parser(sub)
+    add_rpc_worker_parser(sub)
     return parser
 
 

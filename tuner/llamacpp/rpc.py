@@ -18,7 +18,8 @@ import socket
 import struct
 import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from tuner.devices import AllocatorBackend, Device
 from tuner.errors import InventoryError
@@ -232,24 +233,80 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class LocalDevice:
+    """One ggml device of this process, as an RPC server would serve it (``pointer``: ggml_backend_dev_t)."""
+
+    name: str
+    description: str
+    kind: Literal["cpu", "gpu", "igpu", "accel"]
+    free_bytes: int
+    total_bytes: int
+    pointer: int
+
+
+_DEVICE_KINDS: dict[int, Literal["cpu", "gpu", "igpu", "accel"]] = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+def local_devices() -> list[LocalDevice]:
+    """Every ggml device of this process (CUDA0, ROCm0, Vulkan0, CPU, ...), in ggml's order."""
+    from tuner.llamacpp import libs
+
+    ggml, base = libs.ggml(), libs.ggml_base()
+    found = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append(
+            LocalDevice(
+                name=(base.ggml_backend_dev_name(dev) or b"?").decode(errors="replace"),
+                description=(base.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                kind=_DEVICE_KINDS.get(base.ggml_backend_dev_type(dev), "accel"),
+                free_bytes=free.value,
+                total_bytes=total.value,
+                pointer=dev,
+            )
+        )
+    return found
+
+
+def default_served_devices(devices: Sequence[LocalDevice]) -> list[LocalDevice]:
+    """What rpc-server serves by default: every GPU (discrete or integrated), else the CPU."""
+    gpus = [d for d in devices if d.kind in ("gpu", "igpu")]
+    return gpus or [d for d in devices if d.kind == "cpu"][:1]
+
+
+def serve_rpc_devices(
+    host: str, port: int, devices: Sequence[LocalDevice], n_threads: int = 1, cache_dir: str | None = None
+) -> None:
+    """Serve ``devices`` as one llama.cpp RPC server on host:port. Blocks while it serves.
+
+    ``cache_dir``: llama.cpp's tensor cache (weights over 10 MiB are kept there by content hash, so that a
+    client reloading the model after a restart sends only the hash). ``n_threads`` is for a CPU device.
+    """
+    from tuner.llamacpp import libs
+
+    if not devices:
+        raise InventoryError("no device to serve")
+    pointers = (ctypes.c_void_p * len(devices))(*(d.pointer for d in devices))
+    endpoint = f"{host}:{port}".encode()
+    cache = cache_dir.encode() if cache_dir else None
+    # Returns only when it cannot bind or accept (the port is taken): that is the caller's signal.
+    libs.ggml_rpc().ggml_backend_rpc_start_server(endpoint, cache, n_threads, len(devices), pointers)
+    raise InventoryError(f"the RPC server on {host}:{port} stopped (port taken, or accept failed)")
+
+
 def start_rpc_server(host: str, port: int, n_threads: int = 1, cache_dir: str | None = None) -> None:
     """Serve this machine's CPU device as an RPC device on host:port. Blocks until the process is killed.
 
     Meant for a child process. The served device reports all physical RAM as free (ggml-cpu.cpp sets
     free = total); llama.cpp offers no memory limit for it.
     """
-    from tuner.llamacpp import libs
-
-    ggml, rpc = libs.ggml(), libs.ggml_rpc()
-    cpu = ggml.ggml_backend_dev_by_type(libs.GGML_BACKEND_DEVICE_TYPE_CPU)
+    cpu = [d for d in local_devices() if d.kind == "cpu"]
     if not cpu:
         raise InventoryError("llama.cpp has no CPU device to serve")
-    devices = (ctypes.c_void_p * 1)(cpu)
-    endpoint = f"{host}:{port}".encode()
-    cache = cache_dir.encode() if cache_dir else None
-    # Returns only when it cannot bind or accept (the port is taken): that is the caller's signal.
-    rpc.ggml_backend_rpc_start_server(endpoint, cache, n_threads, 1, devices)
-    raise InventoryError(f"the RPC server on {host}:{port} stopped (port taken, or accept failed)")
+    serve_rpc_devices(host, port, cpu[:1], n_threads, cache_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
