@@ -32,6 +32,7 @@ from server.errors import (
 from server.metrics import Metrics, gauge
 from server.registry import ModelRegistry, ServedModel
 from server.routes import AppState, api, ops
+from server.rpc_health import start_rpc_recovery
 
 log = logging.getLogger("llamasplit.app")
 VERSION = "0.1.0"
@@ -58,9 +59,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.start_loading(on_load_failure)
+        recovery = start_rpc_recovery(registry, settings)  # reloads models when a dead RPC worker is back
         try:
             yield
         finally:
+            if recovery is not None:
+                await asyncio.to_thread(recovery.stop)
             await asyncio.to_thread(registry.close)
 
     app = FastAPI(title="llamasplit", version=VERSION, lifespan=lifespan)

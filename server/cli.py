@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-b", "--batch-size", type=int, help="logical batch size")
     add("-ub", "--ubatch-size", type=int, help="physical batch size")
     add("--rpc", help="llama.cpp RPC servers host:port[,host:port] whose devices come first")
+    add("--rpc-optional", action="store_true", default=None,
+        help="plan without an RPC server that does not answer at start-up (default: refuse to start)")
     add("--no-repack", dest="repack", action="store_false", default=None, help="no AMX/AVX weight repacking")
     add("--reserve-mib", type=int, help="VRAM the tuner keeps free on every GPU")
     add("--max-queue", type=int, help="requests waiting per model before 429 (default 32)")
@@ -89,6 +91,7 @@ def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
         "threads", "threads_batch",
         "n_gpu_layers", "tensor_split", "main_gpu", "split_mode", "cache_type_k", "cache_type_v", "flash_attn",
         "batch_size", "ubatch_size", "rpc", "repack", "reserve_mib", "max_queue", "max_body_bytes", "log_level",
+        "rpc_optional",
     )  # fmt: skip
     values: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.model:
@@ -151,6 +154,10 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
+    if settings.rpc and settings.rpc_optional:
+        from server.rpc_health import without_unreachable_rpc
+
+        settings = without_unreachable_rpc(settings)
     if not is_loopback(settings.host) and not settings.api_keys:
         log.warning(
             "!!! --insecure: serving on %s WITHOUT an API key; anyone who can reach port %d can use the models !!!",

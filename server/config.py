@@ -127,6 +127,9 @@ class Settings(ModelOptions, BaseSettings):
     rpc: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="llama.cpp RPC servers (host:port) whose devices come first, as llama-server --rpc"
     )
+    rpc_optional: bool = Field(
+        default=False, description="start without an RPC server that does not answer (default: refuse to start)"
+    )
     repack: bool = Field(default=True, description="repack CPU weights for AMX/AVX (llama-server --no-repack)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -71,7 +71,8 @@ def probe_rpc_endpoint(endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> i
     except OSError as exc:
         raise InventoryError(
             f"RPC endpoint {endpoint} is unreachable ({exc.strerror or exc}); "
-            "start `rpc-server --host 0.0.0.0 --port PORT` there or fix the address"
+            "start `llamasplit rpc-worker --host ADDRESS --port PORT` (or llama.cpp's rpc-server) there, "
+            "or fix the address"
         ) from exc
     with sock:
         sock.settimeout(timeout_s)
