@@ -36,7 +36,13 @@ from tuner.memory.kv import cache_type_row_bytes
 from tuner.memory.predict import MemoryModel, MemoryPrediction
 from tuner.model import ModelInfo
 from tuner.plan import DevicePlan, HostUsage, Plan, PlanRequest, SplitEvaluation
-from tuner.speed import DEFAULT_SPEED_MODEL, SpeedModel, layer_split_token_time_s
+from tuner.speed import (
+    DEFAULT_SPEED_MODEL,
+    SpeedModel,
+    is_remote_endpoint,
+    layer_split_token_time_s,
+    network_token_time_s,
+)
 from tuner.split import layer_ranges, tensor_split_for_counts
 
 GiB = 1024**3
@@ -148,6 +154,9 @@ class LayerPlanner:
             self.model.n_layer + 1 - sum(key),
             self.speed,
         )
+        # RPC devices on other machines: a round trip and the activations over the network per token.
+        remote = [d.kind == "rpc" and is_remote_endpoint(d.endpoint) for d in self.devices]
+        token_time += network_token_time_s(remote, list(key), self.model.n_embd, self.model.n_vocab, self.speed)
         fits = host_fits and min(headroom, default=0) >= 0
         candidate = Candidate(key, layout, prediction, fits, token_time, headroom)
         self._cache[key] = candidate

@@ -56,6 +56,13 @@ class SpeedModel:
     # Compute-bound batches: dense FLOP/s per byte/s of memory bandwidth (RTX 4090: ~165 TFLOPS FP16 tensor /
     # 1 TB/s; llama.cpp's quantised matmuls reach about half of that).
     flops_per_byte: float = 80.0
+    # A llama.cpp RPC device on another machine: per token, each remote device in the chain costs one round trip
+    # (its input activations go out, it recomputes its cached graph, the result comes back) plus n_embd x 4 bytes,
+    # and the logits (n_vocab x 4 bytes) travel back when it holds the output layer. Assumed, not measured: gigabit
+    # Ethernet, ~0.2 ms round trip through two kernels' TCP stacks and a switch, ~117 MB/s of payload (940 Mbit/s).
+    # 10 GbE is ~0.05 ms and ~1.2 GB/s. Calibrate with `ping -c 20 HOST` (the average) and iperf3.
+    network_rtt_s: float = 0.2e-3
+    network_bandwidth_bytes_per_s: float = 117e6
 
 
 DEFAULT_SPEED_MODEL = SpeedModel()
@@ -82,6 +89,36 @@ def layer_split_token_time_s(
     seconds += host_layers * model.layer_overhead_s
     hops = max(used_devices - 1, 0) + (1 if host_layers and used_devices else 0)
     return seconds + hops * model.device_hop_s
+
+
+def network_token_time_s(
+    device_remote: Sequence[bool],
+    device_layers: Sequence[int],
+    n_embd: int,
+    n_vocab: int,
+    model: SpeedModel = DEFAULT_SPEED_MODEL,
+) -> float:
+    """What the network adds to one decoded token in split mode layer, for devices on other machines (RPC).
+
+    Each remote device that holds layers costs a round trip, the hidden state in (n_embd f32) and its result
+    out: the hidden state again, or the logits (n_vocab f32) when it holds the output layer (the last one used).
+    """
+    used = [remote for remote, n_layers in zip(device_remote, device_layers, strict=True) if n_layers]
+    bandwidth = model.network_bandwidth_bytes_per_s
+    seconds = 0.0
+    for position, remote in enumerate(used):
+        if remote:
+            out_bytes = n_vocab * 4 if position == len(used) - 1 else n_embd * 4
+            seconds += model.network_rtt_s + (n_embd * 4 + out_bytes) / bandwidth
+    return seconds
+
+
+def is_remote_endpoint(endpoint: str | None) -> bool:
+    """True for an RPC endpoint on another machine (its traffic crosses the network); loopback is local."""
+    if not endpoint:
+        return False
+    host = endpoint.rpartition(":")[0].strip("[]").lower()
+    return not (host == "localhost" or host.startswith("127.") or host == "::1")
 
 
 def row_split_token_time_s(
