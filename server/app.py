@@ -33,6 +33,7 @@ from server.metrics import Metrics, gauge
 from server.registry import ModelRegistry, ServedModel
 from server.routes import AppState, api, ops
 from server.rpc_health import start_rpc_recovery
+from server.ui import ui
 
 log = logging.getLogger("llamasplit.app")
 VERSION = "0.1.0"
@@ -71,6 +72,7 @@ def create_app(
     app.state.llamasplit = state
     app.include_router(api)
     app.include_router(ops)
+    app.include_router(ui)  # the web page at / (server/static)
     _add_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
