@@ -45,7 +45,21 @@ $(STAMP)/models: $(STAMP)/venv
 
 models: $(STAMP)/models
 
-test: $(STAMP)/project $(STAMP)/models
+# The web page's tests (tests/server/test_server_web.py) drive Debian's chromium headless through chromedriver.
+# Installed with apt-get where it is available (as root, or through password-less sudo); anywhere else this
+# says so and the build goes on: those tests then skip with the reason. The stamp is made only once chromium
+# is there, so a machine that could not install it tries again on the next `make test`.
+BROWSER_PACKAGES := chromium chromium-driver
+$(STAMP)/browser: $(STAMP)/venv
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then touch $@; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "chromium missing and no root or sudo to install it: the browser tests will skip" >&2; exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "chromium missing and no apt-get: the browser tests will skip" >&2; exit 0; fi; \
+	( $$SUDO apt-get install -y --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1 \
+	  || ( $$SUDO apt-get update -qq && $$SUDO apt-get install -y --no-install-recommends $(BROWSER_PACKAGES) >/dev/null ) ) \
+	  && touch $@ || echo "apt-get could not install $(BROWSER_PACKAGES): the browser tests will skip" >&2
+
+test: $(STAMP)/project $(STAMP)/models $(STAMP)/browser
 	$(VENV)/bin/ruff check tuner server tests bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
