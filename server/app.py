@@ -29,7 +29,7 @@ from server.errors import (
     error_response,
     param_path,
 )
-from server.metrics import Metrics, gauge
+from server.metrics import Metrics, counter, gauge
 from server.registry import ModelRegistry, ServedModel
 from server.routes import AppState, api, ops
 from server.rpc_health import start_rpc_recovery
@@ -151,6 +151,17 @@ def live_metrics(registry: ModelRegistry, metrics: Metrics) -> Iterable[Metric]:
 
     yield gauge("llamasplit_model_ready", "1 when the model is loaded", ["model"],
                 per_model(lambda m, _: float(m.state == "ready")))  # fmt: skip
+    yield gauge("llamasplit_model_state", "1 for the model's current state", ["model", "state"],
+                [([m.alias, state], float(m.state == state)) for m in models
+                 for state in ("planned", "loading", "ready", "failed", "unloaded")])  # fmt: skip
+    yield counter("llamasplit_model_loads", "Loads of the model (start-up, on demand, after a failure)", ["model"],
+                  per_model(lambda m, _: float(m.loads)))  # fmt: skip
+    yield counter("llamasplit_model_evictions", "Times the model was evicted to make room for another", ["model"],
+                  per_model(lambda m, _: float(m.evictions)))  # fmt: skip
+    yield counter("llamasplit_model_oversize_loads", "Loads that took more device memory than predicted", ["model"],
+                  per_model(lambda m, _: float(m.oversize_loads)))  # fmt: skip
+    yield gauge("llamasplit_model_load_seconds", "Seconds the model's latest load took", ["model"],
+                per_model(lambda m, _: float(m.load_seconds or 0.0)))  # fmt: skip
     yield gauge("llamasplit_queue_depth", "Requests waiting for a sequence (HTTP queue and engine queue)", ["model"],
                 per_model(lambda m, s: float((m.queue.waiting if m.queue else 0) + (s.waiting_requests if s else 0))),
                 )  # fmt: skip

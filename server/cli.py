@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan without an RPC server that does not answer at start-up (default: refuse to start)")
     add("--no-repack", dest="repack", action="store_false", default=None, help="no AMX/AVX weight repacking")
     add("--reserve-mib", type=int, help="VRAM the tuner keeps free on every GPU")
+    add("--device-limit", metavar="I=SIZE[,...]", help="memory a device may give the models, e.g. 0=20GiB,1=12GiB")
+    add("--host-limit", metavar="SIZE", help="host RAM the models may use, e.g. 32GiB (default: what is available)")
+    add("--preload", action="append", metavar="NAME", help="load this model at start-up (repeatable)")
+    add("--preload-all", action="store_true", default=None, help="load every model at start-up")
+    add("--pin", action="append", metavar="NAME", help="never evict or expire this model (repeatable)")
+    add("--keep-alive", dest="keep_alive_s", type=float, metavar="SECONDS", help="unload a model idle this long")
+    add("--load-timeout", dest="load_timeout_s", type=float, metavar="SECONDS", help="wait for an on-demand load")
     add("--max-queue", type=int, help="requests waiting per model before 429 (default 32)")
     add("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
     add("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)")
@@ -91,6 +98,7 @@ def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
         "threads", "threads_batch",
         "n_gpu_layers", "tensor_split", "main_gpu", "split_mode", "cache_type_k", "cache_type_v", "flash_attn",
         "batch_size", "ubatch_size", "rpc", "repack", "reserve_mib", "max_queue", "max_body_bytes", "log_level",
+        "device_limit", "host_limit", "preload_all", "keep_alive_s", "load_timeout_s",
         "rpc_optional",
     )  # fmt: skip
     values: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
@@ -100,6 +108,9 @@ def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
         values["models"] = [_model_entry(spec, args.alias) for spec in args.model]
     elif args.alias:
         raise ConfigError("--alias needs --model")
+    for name in ("preload", "pin"):
+        if getattr(args, name):
+            values[name] = tuple(getattr(args, name))
     keys_given = list(args.api_key or [])
     if args.api_key_file is not None:
         try:

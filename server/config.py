@@ -55,6 +55,9 @@ class ModelOptions(BaseModel):
     step_tokens: int | None = Field(
         default=None, ge=1, description="tokens per batching step (default: the physical batch, --ubatch-size)"
     )
+    keep_alive_s: float | None = Field(
+        default=None, ge=0, description="unload after this many idle seconds (default: stay loaded)"
+    )
     n_gpu_layers: int | None = Field(default=None, ge=0)
     tensor_split: tuple[float, ...] | None = None
     main_gpu: int | None = Field(default=None, ge=0)
@@ -124,6 +127,16 @@ class Settings(ModelOptions, BaseSettings):
     retry_after_s: int = Field(default=1, ge=0)
     max_body_bytes: int = Field(default=8 * MiB, ge=1024)
     reserve_mib: int | None = Field(default=None, ge=0, description="VRAM kept free per GPU (tuner default)")
+    device_limit: Annotated[dict[int, int], NoDecode] = Field(
+        default_factory=dict, description="bytes a device may give the models, e.g. 0=20GiB,1=12GiB"
+    )
+    host_limit: int | None = Field(default=None, ge=0, description="host RAM the models may use (default: available)")
+    preload: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="models loaded at start-up (default: the only model; several load on demand)"
+    )
+    preload_all: bool = Field(default=False, description="load every model at start-up")
+    pin: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description="models never evicted nor expired")
+    load_timeout_s: float = Field(default=600.0, gt=0, description="how long a request waits for its model to load")
     rpc: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="llama.cpp RPC servers (host:port) whose devices come first, as llama-server --rpc"
     )
@@ -138,6 +151,38 @@ class Settings(ModelOptions, BaseSettings):
     def _queue_status(cls, value: int) -> int:
         if value not in (429, 503):
             raise ValueError("must be 429 (Too Many Requests) or 503 (Service Unavailable)")
+        return value
+
+    @field_validator("preload", "pin", mode="before")
+    @classmethod
+    def _names_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("host_limit", mode="before")
+    @classmethod
+    def _host_limit_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip().isdigit():
+            from tuner import parse_size
+
+            return parse_size(value.strip())
+        return value
+
+    @field_validator("device_limit", mode="before")
+    @classmethod
+    def _limits_from_text(cls, value: Any) -> Any:
+        # llama-server's --fit-target style: "0=20GiB,1=12GiB" (sizes as tune-split --gpus accepts them).
+        if isinstance(value, str):
+            from tuner import parse_size
+
+            limits: dict[int, int] = {}
+            for part in (p.strip() for p in value.split(",") if p.strip()):
+                index, sep, size = part.partition("=")
+                if not sep or not index.strip().isdigit():
+                    raise ValueError(f"{part!r} is not DEVICE=SIZE (e.g. 0=20GiB)")
+                limits[int(index)] = parse_size(size.strip())
+            return limits
         return value
 
     @field_validator("rpc", mode="before")
@@ -179,6 +224,11 @@ class Settings(ModelOptions, BaseSettings):
                 f"host {self.host!r} is not a loopback address, so anyone on the network could use the server; "
                 "set an API key (--api-key, --api-key-file or LLAMASPLIT_API_KEYS) or pass --insecure"
             )
+        names = {m.alias or m.path.name for m in self.models}
+        for setting, given in (("preload", self.preload), ("pin", self.pin)):
+            unknown = [n for n in given if self.models and n not in names]
+            if unknown:
+                raise ValueError(f"{setting} names {', '.join(unknown)}, which no configured model is called")
         aliases = [m.alias or m.path.name for m in self.models]
         dupes = sorted({a for a in aliases if aliases.count(a) > 1})
         if dupes:

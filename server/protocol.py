@@ -457,6 +457,12 @@ class Completion(BaseModel):
 ModelStatus = Literal["unloaded", "loading", "ready", "failed"]
 
 
+class ModelDevice(BaseModel):
+    name: str
+    bytes: int  # predicted: weights, KV cache, compute buffers and overhead
+    layers: tuple[int, int] | None  # inclusive layer range; n_layer is the output layer
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -471,6 +477,13 @@ class ModelCard(BaseModel):
     kv_unified: bool  # the sequences share one KV cache (each may use all of it) rather than one each
     chat_template: Literal["config", "gguf", "fallback"] | None  # where the chat template came from
     error: str | None = None  # why the model failed (its engine process died, its load failed)
+    pinned: bool = False  # never evicted nor expired
+    keep_alive_s: float | None = None  # unloaded after this many idle seconds
+    placement: str | None = None  # where it sits and why (loaded models)
+    devices: list[ModelDevice] = Field(default_factory=list)  # what it holds per device (loaded models)
+    host_bytes: int | None = None
+    loads: int = 0
+    evictions: int = 0
 
 
 class ModelList(BaseModel):

@@ -13,11 +13,13 @@ client connection at a time. When an engine process dies its models turn "failed
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +30,19 @@ from server.config import ModelOptions, ModelSettings, SamplingDefaults, Setting
 from server.engine import EngineError, EngineStats, StepStats
 from server.engine.client import WorkerEngine, WorkerProcess
 from server.errors import ConfigError, ModelNotFoundError, ModelNotReadyError
-from tuner import Device, GGUFError, MiB, Plan, PlanRequest, gguf_files, model_alias, nvml_used_bytes
+from server.placement import NoRoomError, Placement, Resident, place
+from tuner import (
+    Device,
+    GGUFError,
+    LoadSettings,
+    MiB,
+    Plan,
+    PlanRequest,
+    TunerError,
+    gguf_files,
+    model_alias,
+    nvml_used_bytes,
+)
 from tuner.llamacpp import BufferReport
 
 log = logging.getLogger("llamasplit.registry")
@@ -39,6 +53,7 @@ DEFAULT_MODEL_ALIAS = "SmolLM2-135M-Instruct"
 # Parallel sequences when the user sets none: llama-server's default, and a household's evening.
 DEFAULT_PARALLEL = 4
 SHARED_RPC_GROUP = "rpc"
+KEEP_ALIVE_CHECK_S = 1.0
 
 ModelState = Literal["planned", "loading", "ready", "failed", "unloaded"]  # planned: loads at start-up
 StepObserver = Callable[[str, StepStats | None, EngineStats | None], None]
@@ -128,11 +143,9 @@ class ServedModel:
         self.source = source
         self.options = options
         self.sampling = sampling
-        self.plan = plan
-        # Everything llama.cpp is opened with comes from the plan (which already holds every user value).
-        self.load_settings = plan.load_settings(
-            n_threads=options.threads, n_threads_batch=options.threads_batch, repack=settings.repack
-        )
+        self.plan = plan  # alone on the machine at start-up; where it was placed once loaded
+        self.request = plan_request(options, settings)
+        self.load_settings = self._settings_of(plan, options, settings)
         self.devices = tuple(devices)
         self.created_s = int(time.time())
         self.state: ModelState = "planned"
@@ -142,8 +155,46 @@ class ServedModel:
         self.memory: MemoryReport | None = None
         self.load_seconds: float | None = None
         self.loads = 0
+        self.evictions = 0
+        self.oversize_loads = 0  # loads that took more memory than predicted
+        self.placement: str | None = None  # why it sits where it sits
+        self.last_used_s = time.monotonic()
+        self.pinned = source.alias in settings.pin
+        self.keep_alive_s = options.keep_alive_s  # the model's own, else the top-level value
         self._settings = settings
 
+    @staticmethod
+    def _settings_of(plan: Plan, options: ModelOptions, settings: Settings) -> LoadSettings:
+        # Everything llama.cpp is opened with comes from the plan (which already holds every user value).
+        return plan.load_settings(
+            n_threads=options.threads, n_threads_batch=options.threads_batch, repack=settings.repack
+        )
+
+    def touch(self) -> None:
+        """A request used the model now (keep-alive and least-recently-used eviction count from here)."""
+        self.last_used_s = time.monotonic()
+
+    @property
+    def idle(self) -> bool:
+        queue = self.queue
+        return queue is None or (queue.running == 0 and queue.waiting == 0)
+
+    def resident(self) -> Resident:
+        """What this loaded model holds, per device and in host RAM, for placing the next one."""
+        device_bytes = {}
+        for dp in self.plan.devices:
+            measured = (dp.actual_bytes or {}).get("total_bytes")
+            held = dp.total_bytes if measured is None else max(dp.total_bytes, measured + dp.overhead_bytes)
+            if held:
+                device_bytes[dp.index] = held
+        host = self.plan.host.total_bytes
+        if self.memory is not None and self.memory.host.actual_bytes is not None:
+            host = max(host, self.memory.host.actual_bytes)
+        return Resident(self.alias, device_bytes, host, self.idle, self.pinned, self.last_used_s)
+
+    def use_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        self.load_settings = self._settings_of(plan, self.options, self._settings)
     @property
     def n_ctx_per_seq(self) -> int:
         if self.engine is not None:
@@ -187,7 +238,18 @@ class ServedModel:
         self.engine = engine
         self.load_seconds = time.monotonic() - started
         self.loads += 1
+        self.touch()
         self.state = "ready"
+        for row in self.memory.devices:
+            # llama.cpp's buffers against the prediction without the driver overhead (which they do not hold).
+            excess = (row.actual_bytes or 0) - (row.predicted_bytes - row.predicted_overhead_bytes)
+            if row.actual_bytes is not None and excess > MiB:
+                self.oversize_loads += 1
+                log.warning(
+                    "%s took %.1f MiB on %s, %.1f MiB more than predicted; later placements count what it took",
+                    self.alias, row.actual_bytes / MiB, row.name, excess / MiB,
+                )  # fmt: skip
+                break
         facts = engine.facts
         log.info(
             "%s is ready (%.1f s): %d parallel sequences, %s tokens each%s; %s",
@@ -229,44 +291,66 @@ def describe_memory(memory: MemoryReport) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, models: Sequence[ServedModel], settings: Settings | None = None) -> None:
+    """The served models, their engine processes, and where each one sits (see server/placement.py)."""
+
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        settings: Settings | None = None,
+        devices: Sequence[Device] = (),
+        host_free_bytes: int | None = None,
+    ) -> None:
         self.models: dict[str, ServedModel] = {m.alias: m for m in models}
         self.settings = settings
+        self.devices = list(devices)  # as inventoried at start-up, capped by --device-limit
+        self.host_free_bytes = host_free_bytes
         self.step_observer: StepObserver | None = None
         self._workers: dict[str, WorkerProcess] = {}
-        self._lock = threading.Lock()  # workers and model states
-        self._load_lock = threading.Lock()  # one load at a time
+        self._lock = threading.Lock()  # workers, model states and the loads in progress
+        self._load_lock = threading.Lock()  # one placement and load at a time
+        self._loads: dict[str, concurrent.futures.Future[ServedModel]] = {}
         self._thread: threading.Thread | None = None
+        self._preloading = False
         self._closed = threading.Event()
 
     @classmethod
     def plan(cls, settings: Settings, devices: Sequence[Device] | None = None) -> ModelRegistry:
-        """Find the models and plan each; raises ConfigError or the tuner's errors (DoesNotFitError...).
+        """Find the models and plan each alone on the machine; raises ConfigError or the tuner's errors.
 
-        ``devices`` None inventories this machine (RPC endpoints from the settings first). Each model is
-        planned into the memory the previous ones leave free.
+        ``devices`` None inventories this machine (RPC endpoints from the settings first), then applies
+        --device-limit. A model that does not fit even alone is refused here (DoesNotFitError: exit 3);
+        where the others let it sit is decided when it loads.
         """
         from tuner import discover_devices, plan_model
 
         sources = find_models(settings)
         if devices is None:
             devices = discover_devices(rpc=settings.rpc)
-        remaining = list(devices)
+        devices = limit_devices(devices, settings.device_limit)
         host_free = host_available_bytes()
+        if settings.host_limit is not None:
+            host_free = settings.host_limit if host_free is None else min(host_free, settings.host_limit)
         served = []
         for source in sources:
             options = settings.model_options(source.entry)
-            plan = plan_model(source.path, plan_request(options, settings, host_free), remaining)
-            remaining = devices_after(remaining, plan)
-            if host_free is not None:
-                host_free = max(0, host_free - plan.host.total_bytes)
+            plan = plan_model(source.path, plan_request(options, settings, host_free), devices)
             sampling = source.entry.sampling or settings.sampling
             served.append(ServedModel(source, options, sampling, plan, devices, settings))
-        return cls(served, settings)
+        preload = set(settings.preload)
+        if settings.preload_all or len(served) == 1:
+            preload = {m.alias for m in served}
+        for model in served:
+            model.state = "planned" if model.alias in preload else "unloaded"
+        return cls(served, settings, devices, host_free)
 
     @property
     def ready(self) -> bool:
-        return all(m.state == "ready" for m in self.models.values())
+        """Start-up loading is done and no model failed (models loaded on demand may still be unloaded)."""
+        return not self._preloading and all(m.state in ("ready", "unloaded", "loading") for m in self.models.values())
+
+    @property
+    def starting(self) -> bool:
+        return self._preloading or any(m.state == "planned" for m in self.models.values())
 
     @property
     def failed(self) -> list[ServedModel]:
@@ -281,7 +365,7 @@ class ModelRegistry:
         return model
 
     def get(self, alias: str) -> ServedModel:
-        """The ready model called ``alias``; 404 for an unknown name, 503 while it loads or after it failed."""
+        """The ready model called ``alias``; 404 for an unknown name, 503 when it is not ready."""
         model = self.find(alias)
         if model.state == "failed":
             raise ModelNotReadyError(f"the model {alias!r} failed: {model.error}", code="model_failed")
@@ -293,6 +377,57 @@ class ModelRegistry:
             raise ModelNotReadyError(f"the model {alias!r} is still loading; retry shortly")
         return model
 
+    async def acquire(self, alias: str) -> ServedModel:
+        """The model called ``alias``, loaded on demand: a request for an unloaded model starts its load (or
+        joins the one under way) and waits up to load_timeout_s. 404 for an unknown name, 503 when it failed,
+        when nothing can make room for it, or when the load outlasts the wait."""
+        model = self.find(alias)
+        if model.state == "ready" and model.engine is not None and model.queue is not None:
+            model.touch()
+            return model
+        if model.state == "failed":
+            raise ModelNotReadyError(f"the model {alias!r} failed: {model.error}", code="model_failed")
+        if self._preloading and model.state in ("planned", "loading"):
+            # Start-up loading owns it; the client retries (Retry-After) rather than holding a connection.
+            raise ModelNotReadyError(f"the model {alias!r} is still loading; retry shortly")
+        timeout_s = self.settings.load_timeout_s if self.settings is not None else 600.0
+        future = self.start_load(alias)
+        try:
+            loaded = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
+        except TimeoutError as exc:
+            raise ModelNotReadyError(
+                f"the model {alias!r} is still loading after {timeout_s:g} s (load_timeout_s); retry later",
+                code="model_loading",
+            ) from exc
+        except NoRoomError as exc:
+            raise ModelNotReadyError(str(exc), code="no_room", retry_after_s=30) from exc
+        except (EngineError, TunerError) as exc:
+            raise ModelNotReadyError(f"the model {alias!r} failed to load: {exc}", code="model_failed") from exc
+        loaded.touch()
+        return loaded
+
+    def start_load(self, alias: str) -> concurrent.futures.Future[ServedModel]:
+        """Load ``alias`` in a background thread, or return the load already under way (one load per model)."""
+        with self._lock:
+            future = self._loads.get(alias)
+            if future is not None and not future.done():
+                return future
+            future = concurrent.futures.Future()
+            self._loads[alias] = future
+
+        def run() -> None:
+            try:
+                future.set_result(self.load_model(alias))
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    if self._loads.get(alias) is future:
+                        del self._loads[alias]
+
+        threading.Thread(target=run, name=f"load-{alias}", daemon=True).start()
+        return future
+
     def worker_of(self, alias: str) -> WorkerProcess | None:
         """The engine process that holds (or last held) ``alias``."""
         with self._lock:
@@ -301,7 +436,8 @@ class ModelRegistry:
     # -- loading --
 
     def _group(self, alias: str) -> str:
-        # Every model over RPC shares one engine process: an RPC server serves a single connection.
+        # With RPC servers every model shares one engine process: an RPC server serves a single connection,
+        # and a model loads with the whole device list (RPC devices first), even where its share is zero.
         return SHARED_RPC_GROUP if self.settings is not None and self.settings.rpc else alias
 
     def _worker_for(self, model: ServedModel) -> WorkerProcess:
@@ -332,54 +468,97 @@ class ModelRegistry:
             self.step_observer(alias, step, stats)
 
     def load_model(self, alias: str) -> ServedModel:
-        """Load ``alias`` (again) in this thread: after an engine crash, or after an unload. Raises EngineError."""
+        """Place ``alias`` beside the resident models (evicting idle ones if it must) and load it, in this
+        thread. Raises NoRoomError, EngineError or a TunerError."""
         model = self.find(alias)
         with self._load_lock:
             if self._closed.is_set():
                 raise EngineError("the server is shutting down")
-            if model.state == "ready":
+            if model.state == "ready" and model.engine is not None:
                 return model
             if model.engine is not None:  # the remains of a failed engine
                 model.close()
-            worker = self._worker_for(model)
+            model.state = "loading"
             try:
-                model.load(worker)
+                placement = self._place(model)
+                model.use_plan(placement.plan)
+                model.placement = placement.reason
+                log.info("loading %s: %s", alias, placement.reason)
+                model.load(self._worker_for(model))
             except Exception as exc:
-                model.state = "failed"
-                model.error = str(exc)
-                log.error("loading %s failed: %s", model.alias, exc)
+                model.state = "unloaded" if isinstance(exc, NoRoomError) else "failed"
+                model.error = None if isinstance(exc, NoRoomError) else str(exc)
+                log.error("loading %s failed: %s", alias, exc)
                 raise
         return model
 
-    def unload_model(self, alias: str) -> ServedModel:
+    def _place(self, model: ServedModel) -> Placement:
+        """The placement, with its evictions carried out; an eviction raced by a new request re-plans."""
+        for _ in range(3):
+            with self._lock:
+                residents = [m.resident() for m in self.models.values() if m is not model and m.state == "ready"]
+            placement = place(model.path, model.request, self.devices, self.host_free_bytes, residents)
+            victims = [self.models[name] for name in placement.evict]
+            if any(not victim.idle for victim in victims):
+                continue  # a request arrived for one of them meanwhile
+            for victim in victims:
+                self._unload(victim, f"evicted to make room for {model.alias}")
+                victim.evictions += 1
+            return placement
+        raise NoRoomError(f"the models that could make room for {model.alias} stayed busy; retry later")
+
+    def unload_model(self, alias: str, reason: str = "unloaded on request") -> ServedModel:
         """Free ``alias``'s memory; its engine process ends once it holds no model."""
         model = self.find(alias)
         with self._load_lock:
-            model.close()
-            model.state = "unloaded"
-            model.error = None
-            group = self._group(alias)
-            with self._lock:
-                still_used = any(
-                    m.engine is not None for m in self.models.values() if self._group(m.alias) == group
-                )
-                worker = None if still_used else self._workers.pop(group, None)
-        if worker is not None:
-            worker.close()
-        log.info("%s unloaded", alias)
+            self._unload(model, reason)
         return model
 
-    def load_all(self) -> None:
-        """Load every model in order, in this thread; a failure marks the model and is raised."""
-        for model in self.models.values():
-            if self._closed.is_set():
-                return
-            if model.state != "planned":
+    def _unload(self, model: ServedModel, reason: str) -> None:
+        was_loaded = model.engine is not None
+        model.close()
+        model.state = "unloaded"
+        model.error = None
+        group = self._group(model.alias)
+        with self._lock:
+            still_used = any(m.engine is not None for m in self.models.values() if self._group(m.alias) == group)
+            worker = None if still_used else self._workers.pop(group, None)
+        if worker is not None:
+            worker.close()
+        if was_loaded:
+            log.info("%s unloaded: %s", model.alias, reason)
+
+    def expire_idle(self, now_s: float | None = None) -> list[str]:
+        """Unload models idle longer than their keep-alive (never pinned ones); returns their names."""
+        now_s = time.monotonic() if now_s is None else now_s
+        expired = []
+        for model in list(self.models.values()):
+            keep = model.keep_alive_s
+            if keep is None or model.pinned or model.state != "ready" or not model.idle:
                 continue
-            self.load_model(model.alias)
+            if now_s - model.last_used_s >= keep:
+                with self._load_lock:
+                    if model.state == "ready" and model.idle and now_s - model.last_used_s >= keep:
+                        self._unload(model, f"idle for {now_s - model.last_used_s:.0f} s (keep-alive {keep:g} s)")
+                        expired.append(model.alias)
+        return expired
+
+    def load_all(self) -> None:
+        """Load the start-up models (preload) in order, in this thread; a failure marks the model and is raised."""
+        self._preloading = True
+        try:
+            for model in self.models.values():
+                if self._closed.is_set():
+                    return
+                if model.state == "planned":
+                    self.load_model(model.alias)
+        finally:
+            self._preloading = False
 
     def start_loading(self, on_failure: Callable[[BaseException], None] | None = None) -> threading.Thread:
-        """Load in a background thread; ``on_failure`` is called (in that thread) if a load fails."""
+        """Load the start-up models in a background thread, then expire idle models while the server runs;
+        ``on_failure`` is called (in that thread) if a start-up load fails."""
+        self._preloading = any(m.state == "planned" for m in self.models.values())
 
         def run() -> None:
             try:
@@ -387,6 +566,11 @@ class ModelRegistry:
             except Exception as exc:
                 if on_failure is not None:
                     on_failure(exc)
+            while not self._closed.wait(KEEP_ALIVE_CHECK_S):
+                try:
+                    self.expire_idle()
+                except Exception:
+                    log.exception("expiring idle models failed")
 
         self._thread = threading.Thread(target=run, name="llamasplit-loader", daemon=True)
         self._thread.start()
@@ -416,7 +600,12 @@ def host_available_bytes() -> int | None:
     return None
 
 
-def devices_after(devices: Sequence[Device], plan: Plan) -> list[Device]:
-    """The devices with what ``plan`` will take subtracted from their free memory."""
-    taken = {dp.index: dp.total_bytes for dp in plan.devices}
-    return [d.model_copy(update={"free_bytes": max(0, d.free_bytes - taken.get(i, 0))}) for i, d in enumerate(devices)]
+def limit_devices(devices: Sequence[Device], limits: Mapping[int, int]) -> list[Device]:
+    """The devices with --device-limit applied: a device offers at most its limit, whatever it has free."""
+    unknown = [i for i in limits if not 0 <= i < len(devices)]
+    if unknown:
+        raise ConfigError(
+            f"device_limit names device {unknown[0]}, but there are {len(devices)} devices (0 to {len(devices) - 1})"
+        )
+    return [d.model_copy(update={"free_bytes": min(d.free_bytes, limits[i])}) if i in limits else d
+            for i, d in enumerate(devices)]  # fmt: skip

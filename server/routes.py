@@ -24,9 +24,24 @@ from server import serving
 from server.auth import ApiKeyChecker
 from server.config import Settings
 from server.engine import EngineError, GenerationEvent
-from server.errors import InvalidRequestError, PayloadTooLargeError, ServerError, from_validation_error
+from server.errors import (
+    InvalidRequestError,
+    ModelNotReadyError,
+    PayloadTooLargeError,
+    ServerError,
+    from_validation_error,
+)
 from server.metrics import CONTENT_TYPE, Metrics
-from server.protocol import UNION_HINTS, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ModelStatus
+from server.placement import NoRoomError
+from server.protocol import (
+    UNION_HINTS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelDevice,
+    ModelList,
+    ModelStatus,
+)
 from server.registry import ModelRegistry, ServedModel
 
 T = TypeVar("T")
@@ -177,7 +192,7 @@ async def _generate(
     state = app_state(request)
     body = await read_json_object(request, state.settings.max_body_bytes)
     parsed = parse_request(model_cls, body)
-    model = state.registry.get(parsed.model)
+    model = await state.registry.acquire(parsed.model)
     # Templating, tokenising and compiling a schema's grammar take a while for long inputs: off the event loop.
     whole: Callable[[serving.Prepared, AsyncIterator[GenerationEvent]], Awaitable[BaseModel]]
     if isinstance(parsed, ChatCompletionRequest):
@@ -232,6 +247,17 @@ def _card(model: ServedModel) -> ModelCard:
         kv_unified=model.plan.kv_unified,
         chat_template=model.engine.chat_template_source() if model.engine is not None else None,
         error=model.error,
+        pinned=model.pinned,
+        keep_alive_s=model.keep_alive_s,
+        placement=model.placement if model.state == "ready" else None,
+        devices=[
+            ModelDevice(name=d.name, bytes=d.total_bytes, layers=d.layers)
+            for d in model.plan.devices
+            if d.total_bytes and model.state == "ready"
+        ],
+        host_bytes=model.plan.host.total_bytes if model.state == "ready" else None,
+        loads=model.loads,
+        evictions=model.evictions,
     )
 
 
@@ -280,7 +306,7 @@ async def health(request: Request) -> JSONResponse:
         body["errors"] = errors
     if registry.ready:
         return JSONResponse({"status": "ok", **body})
-    status = "error" if registry.failed else "loading"
+    status = "error" if registry.failed else "loading"  # start-up loading
     return JSONResponse({"status": status, **body}, status_code=503, headers={"Retry-After": "5"})
 
 
@@ -300,6 +326,8 @@ async def load_model(request: Request) -> ModelCard:
     state.registry.find(action.model)
     try:
         model = await run_in_threadpool(state.registry.load_model, action.model)
+    except NoRoomError as exc:
+        raise ModelNotReadyError(str(exc), code="no_room", retry_after_s=30) from exc
     except EngineError as exc:
         raise ServerError(f"loading {action.model} failed: {exc.message}") from exc
     return _card(model)

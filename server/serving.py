@@ -235,6 +235,7 @@ async def events(
             if not finished:
                 metrics.cancelled.labels(label).inc()
             await stream.aclose()
+            model.touch()
 
 
 def usage(finish: FinishEvent) -> Usage:

@@ -26,6 +26,7 @@ _EXPORTS = {
     "choose_quantisation": "tuner.quants:choose",
     "plan_quantisations": "tuner.quants:plan_options",
     "discover_devices": "tuner.inventory",
+    "parse_size": "tuner.inventory.simulated",
     "gguf_files": "tuner.files",
     "model_alias": "tuner.files",
     "nvml_key": "tuner.inventory.nvidia",
@@ -77,6 +78,7 @@ __all__ = [
     "model_alias",
     "nvml_key",
     "nvml_used_bytes",
+    "parse_size",
     "plan_model",
     "plan_quantisations",
     "quant_tag",
@@ -95,6 +97,7 @@ if TYPE_CHECKING:
     from tuner.hubref import HubReference, RemoteModel, quant_tag, select_model
     from tuner.inventory import discover_devices
     from tuner.inventory.nvidia import nvml_key, nvml_used_bytes, use_pci_bus_order
+    from tuner.inventory.simulated import parse_size
     from tuner.plan import (
         CACHE_TYPES,
         DevicePlan,

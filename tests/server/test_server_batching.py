@@ -168,8 +168,8 @@ def test_a_disconnect_frees_its_sequence_while_the_others_keep_streaming(
     for thread in threads:
         thread.start()
     assert leaver_tokens.wait(60)
-    # Within a second of the disconnect only the two that stayed hold sequences.
-    wait_for(lambda: metric(http, "llamasplit_sequences_busy") <= 2, 2)
+    # Soon after the disconnect (a step or two; seconds on a loaded machine) only the two that stayed hold sequences.
+    wait_for(lambda: metric(http, "llamasplit_sequences_busy") <= 2, 5)
     for thread in threads:
         thread.join(120)
     assert [results[p] for p in prompts[1:]] == alone

@@ -104,11 +104,15 @@ def test_a_killed_engine_ends_its_requests_with_an_error_and_the_model_loads_aga
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
 
 
-def test_unload_frees_the_model_and_load_brings_it_back(http: httpx.Client) -> None:
+def test_unload_frees_the_model_and_a_request_or_load_brings_it_back(http: httpx.Client) -> None:
+    loads = http.get(f"/v1/models/{ALIAS}").json()["loads"]
     unloaded = http.post("/models/unload", json={"model": ALIAS})
     assert unloaded.status_code == 200 and unloaded.json()["status"] == "unloaded"
-    refused = http.post("/v1/chat/completions", json=body(max_tokens=4))
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_unloaded"
+    assert http.get(f"/v1/models/{ALIAS}").json()["devices"] == []
+    # An unloaded model loads on demand: the request waits for it.
+    assert http.post("/v1/chat/completions", json=body(max_tokens=4)).status_code == 200
+    assert http.get(f"/v1/models/{ALIAS}").json()["loads"] == loads + 1
+    assert http.post("/models/unload", json={"model": ALIAS}).json()["status"] == "unloaded"
     assert http.post("/models/load", json={"model": ALIAS}).json()["status"] == "ready"
     wait_for(lambda: http.get("/health").status_code == 200, 10)
     assert http.post("/v1/chat/completions", json=body(max_tokens=4)).status_code == 200
