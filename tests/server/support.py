@@ -6,10 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -80,6 +84,50 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_environment() -> dict[str, str]:
+    """The environment for a `llamasplit serve` child: this checkout importable, no LLAMASPLIT_* of the shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMASPLIT_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+@contextlib.contextmanager
+def serve_cli(args: Sequence[str], log: Path, timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
+    """Run `python -m server.cli serve --port P ARGS` in its own process until /health is 200; yields its URL.
+
+    The process is stopped with SIGINT (a clean shutdown) when the block ends; its stderr goes to ``log``.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args],
+            stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=cli_environment(),
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.1)
+            assert proc.poll() is None, log.read_text()
+            yield url
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:

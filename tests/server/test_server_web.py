@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +21,7 @@ import httpx
 import pytest
 
 from tests.kit.rpcbed import rpc_servers
-from tests.server.support import metric_value, wait_for
+from tests.server.support import metric_value, serve_cli, wait_for
 
 pytestmark = pytest.mark.llama
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,36 +53,15 @@ class WebServer:
 
 @pytest.fixture(scope="module")
 def web_server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMASPLIT_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("web") / "serve.log"
     models = [arg for alias in MODELS for arg in ("--model", f"{alias}={smollm2}")]
-    with rpc_servers(2) as endpoints, open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", *models, "--rpc", ",".join(endpoints),
-             "--port", str(port), "--ctx", "2048", "--parallel", "2", "--n-gpu-layers", "31",
-             "--tensor-split", "0.6,0.4", "--api-key", KEY],
-            stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            assert proc.poll() is None, log.read_text()
-            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
-                yield WebServer(url, http)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
+    with rpc_servers(2) as endpoints:
+        args = [*models, "--rpc", ",".join(endpoints), "--ctx", "2048", "--parallel", "2", "--n-gpu-layers", "31",
+                "--tensor-split", "0.6,0.4", "--api-key", KEY]  # fmt: skip
+        with serve_cli(args, log) as url, httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+        ) as http:
+            yield WebServer(url, http)
 
 
 @pytest.fixture(scope="module")
