@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+__version__ = "0.1.0"
+
 _EXPORTS = {
     "create_app": "server.app",
     "Settings": "server.config",

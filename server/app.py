@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import __version__
 from server.auth import ApiKeyChecker
 from server.config import Settings
 from server.engine import EngineStats, StepStats
@@ -36,7 +37,6 @@ from server.rpc_health import start_rpc_recovery
 from server.ui import ui
 
 log = logging.getLogger("llamasplit.app")
-VERSION = "0.1.0"
 
 
 def create_app(
@@ -68,7 +68,7 @@ def create_app(
                 await asyncio.to_thread(recovery.stop)
             await asyncio.to_thread(registry.close)
 
-    app = FastAPI(title="llamasplit", version=VERSION, lifespan=lifespan)
+    app = FastAPI(title="llamasplit", version=__version__, lifespan=lifespan)
     app.state.llamasplit = state
     app.include_router(api)
     app.include_router(ops)

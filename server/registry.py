@@ -114,11 +114,14 @@ def plan_request(options: ModelOptions, settings: Settings, host_free_bytes: int
         "n_gpu_layers": options.n_gpu_layers,
         "main_gpu": options.main_gpu,
     }
+    n_ubatch = options.ubatch_size
+    if n_ubatch is None and options.batch_size is not None and options.batch_size < PlanRequest().n_ubatch:
+        n_ubatch = options.batch_size  # llama-server's meaning of -b alone: the physical batch follows it down
     optional = {
         "type_k": options.cache_type_k,
         "type_v": options.cache_type_v,
         "flash_attn": options.flash_attn,
-        "n_ubatch": options.ubatch_size,
+        "n_ubatch": n_ubatch,
         "kv_unified": options.kv_unified,
         "reserve_bytes": settings.reserve_mib * MiB if settings.reserve_mib is not None else None,
     }

@@ -7,6 +7,7 @@ so that it is a 400 before any slot is taken or any byte of a stream is sent.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ class Prepared:
     echo_text: str = ""
     id: str = field(default_factory=lambda: new_id("chatcmpl"))
     created: int = field(default_factory=now_s)
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: what produced the answer (server, llama.cpp, the model's placement)."""
+        return system_fingerprint(self.model)
 
 
 # --- request -> GenerationRequest ------------------------------------------------------------------------
@@ -148,6 +154,31 @@ def prepare_completion(request: CompletionRequest, model: ServedModel, received_
         echo_text=echo_text if request.echo else "",
         id=new_id("cmpl"),
     )
+
+
+def system_fingerprint(model: ServedModel) -> str:
+    """Changes when anything that can change an answer at a fixed seed changes: the server or llama.cpp
+    version, the model file, or how it is loaded (split, cache types, context per sequence)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from server import __version__
+
+    try:
+        llama_version = version("llama-cpp-python")
+    except PackageNotFoundError:
+        llama_version = "unknown"
+    key = f"{llama_version}|{model.path.name}|{model.load_settings.model_dump_json()}"
+    return f"fp_llamasplit-{__version__}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def envelope(prepared: Prepared) -> dict[str, Any]:
+    """The fields every response and chunk of one request shares."""
+    return {
+        "id": prepared.id,
+        "created": prepared.created,
+        "model": prepared.model.alias,
+        "system_fingerprint": prepared.fingerprint,
+    }
 
 
 def engine_of(model: ServedModel) -> Engine:
@@ -270,9 +301,7 @@ async def chat_completion(prepared: Prepared, stream: AsyncIterator[GenerationEv
             finish = event
     assert finish is not None
     return ChatCompletion(
-        id=prepared.id,
-        created=prepared.created,
-        model=prepared.model.alias,
+        **envelope(prepared),
         choices=[
             ChatChoice(
                 index=0,
@@ -298,7 +327,7 @@ async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -
             logprobs=ChoiceLogprobs(content=logprobs) if logprobs is not None else None,
         )
         body = ChatCompletionChunk(
-            id=prepared.id, created=prepared.created, model=prepared.model.alias, choices=[choice]
+            **envelope(prepared), choices=[choice]
         )
         return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
 
@@ -315,7 +344,7 @@ async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -
             yield chunk(ChatDelta(), finish=event.finish_reason)
             if prepared.include_usage:
                 body = ChatCompletionChunk(
-                    id=prepared.id, created=prepared.created, model=prepared.model.alias, choices=[], usage=usage(event)
+                    **envelope(prepared), choices=[], usage=usage(event)
                 )
                 yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
         yield DONE
@@ -355,9 +384,7 @@ async def completion(prepared: Prepared, stream: AsyncIterator[GenerationEvent])
             finish = event
     assert finish is not None
     return Completion(
-        id=prepared.id,
-        created=prepared.created,
-        model=prepared.model.alias,
+        **envelope(prepared),
         choices=[
             CompletionChoice(
                 index=0,
@@ -375,9 +402,7 @@ async def completion_sse(
 ) -> AsyncGenerator[str, None]:
     def chunk(text: str, finish: FinishReason | None = None, logprobs: CompletionLogprobs | None = None) -> str:
         body = Completion(
-            id=prepared.id,
-            created=prepared.created,
-            model=prepared.model.alias,
+            **envelope(prepared),
             choices=[CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=finish)],
         )
         return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
@@ -395,7 +420,7 @@ async def completion_sse(
             yield chunk(event.text, finish=event.finish_reason)
             if prepared.include_usage:
                 body = Completion(
-                    id=prepared.id, created=prepared.created, model=prepared.model.alias, choices=[], usage=usage(event)
+                    **envelope(prepared), choices=[], usage=usage(event)
                 )
                 yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
         yield DONE

@@ -196,3 +196,25 @@ def test_environment_sets_models_nested_sampling_and_switches(monkeypatch: pytes
     monkeypatch.setenv("LLAMASPLIT_QUEUE_FULL_STATUS", "500")
     with pytest.raises(ConfigError, match="queue_full_status='500': must be 429"):
         load_settings()
+
+
+def test_batch_size_alone_brings_the_physical_batch_down_with_it() -> None:
+    from server.registry import plan_request
+
+    settings = load_settings({"batch_size": 32})
+    assert plan_request(settings, settings).n_ubatch == 32  # llama-server's meaning of -b 32
+    settings = load_settings({"batch_size": 2048})
+    assert plan_request(settings, settings).n_ubatch == 512
+
+
+def test_memory_limits_and_model_lists_are_read_from_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMASPLIT_DEVICE_LIMIT", "0=20GiB, 1=512MiB")
+    monkeypatch.setenv("LLAMASPLIT_PIN", "a,b")
+    models = [{"path": "a.gguf", "alias": "a"}, {"path": "b.gguf", "alias": "b"}]
+    settings = load_settings({"host_limit": "8GiB", "models": models})
+    assert settings.device_limit == {0: 20 << 30, 1: 512 << 20}
+    assert settings.host_limit == 8 << 30 and settings.pin == ("a", "b")
+    with pytest.raises(ConfigError, match="preload names c"):
+        load_settings({"preload": "c", "models": [{"path": "a.gguf", "alias": "a"}]})
+    with pytest.raises(ConfigError, match="is not DEVICE=SIZE"):
+        load_settings({"device_limit": "20GiB"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from server import errors
 from server.engine import EngineDeadError, EngineError, EngineRequestError, GenerationRequest, TokenEvent
 from server.serving import Prepared, chat_sse, completion_sse
+from tuner import LoadSettings
 
 ALL_ERRORS = [
     (errors.InvalidRequestError("bad", param="temperature"), 400, "invalid_request_error", None),
@@ -68,7 +70,7 @@ def test_unexpected_exceptions_become_a_generic_500_without_their_text() -> None
 
 def _prepared() -> Prepared:
     return Prepared(
-        model=SimpleNamespace(alias="m"),  # type: ignore[arg-type]
+        model=SimpleNamespace(alias="m", path=Path("m.gguf"), load_settings=LoadSettings()),  # type: ignore[arg-type]
         engine=SimpleNamespace(),  # type: ignore[arg-type]
         generation=GenerationRequest((1,), 4),
         received_s=0.0,

@@ -69,6 +69,10 @@ def test_chat_completion_reports_text_finish_reason_and_usage(client: openai.Ope
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     if choice.finish_reason == "length":
         assert reply.usage.completion_tokens == 12
+    # What produced it: the same for the same model and load settings, on every response and chunk.
+    assert reply.system_fingerprint and reply.system_fingerprint.startswith("fp_llamasplit-")
+    chunks = list(client.chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=2, stream=True))  # type: ignore[arg-type]
+    assert {c.system_fingerprint for c in chunks} == {reply.system_fingerprint}
 
 
 def test_chat_prompt_tokens_match_llama_cpp_pythons_own_count(client: openai.OpenAI, smollm2: Path) -> None:
