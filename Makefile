@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION := 0.3.36
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint bench setup models clean-venv
+.PHONY: serve test lint bench bench-concurrency setup models clean-venv
 
 setup: $(STAMP)/project
 
@@ -76,6 +76,12 @@ bench: $(STAMP)/project $(STAMP)/models
 	$(PY) bench/bench_plan.py
 	$(PY) bench/bench_vs_default_split.py
 	$(PY) bench/bench_server.py
+
+# Continuous batching against llama.cpp's llama-server (built here from the same vendored source, benchmark
+# only) and llama-cpp-python's server; docs/BENCHMARKS.md has the results. Run it on a quiet machine.
+bench-concurrency: $(STAMP)/project $(STAMP)/models
+	bench/build_llama_server.sh
+	nice -n 10 $(PY) bench/bench_concurrency.py --install-anchors
 
 clean-venv:
 	rm -rf $(VENV)
