@@ -100,6 +100,21 @@ def open_page(driver: Any, server: WebServer) -> None:
     wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".device-card"))
 
 
+def press(driver: Any, element_id: str) -> None:
+    """Click a button as a user would; while the answer streams the page scrolls under the pointer, so the
+    button is brought to the middle of the view first, and a click another element catches is retried."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    element = driver.find_element(By.ID, element_id)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    try:
+        element.click()
+    except ElementClickInterceptedException:
+        time.sleep(0.2)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+
 def read(driver: Any, selector: str, attribute: str | None = None) -> str | None:
     """An element's text or attribute in one call: the panels are redrawn on every poll, so a handle kept between
     two calls may point at a row that is gone."""
@@ -218,7 +233,7 @@ def test_chat_streams_and_stop_frees_the_sequence_on_the_server(browser: Any, we
     wait(browser, lambda d: figure(d, "smol", "sequences_busy") == "1 of 2", 10)
     shot(browser, "chat-streaming")
 
-    browser.find_element(By.ID, "stop").click()
+    press(browser, "stop")
     freed_s = wait_for(lambda: web_server.metric("llamasplit_sequences_busy", "smol") == 0, 5)
     assert web_server.metric("llamasplit_requests_cancelled_total", "smol") == cancelled_before + 1
     assert answer_state(browser) == "stopped"
