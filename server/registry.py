@@ -367,19 +367,6 @@ class ModelRegistry:
             raise ModelNotFoundError(f"the model {alias!r} does not exist; this server serves: {names}", param="model")
         return model
 
-    def get(self, alias: str) -> ServedModel:
-        """The ready model called ``alias``; 404 for an unknown name, 503 when it is not ready."""
-        model = self.find(alias)
-        if model.state == "failed":
-            raise ModelNotReadyError(f"the model {alias!r} failed: {model.error}", code="model_failed")
-        if model.state == "unloaded":
-            raise ModelNotReadyError(
-                f"the model {alias!r} is not loaded; POST /models/load loads it", code="model_unloaded"
-            )
-        if model.state != "ready" or model.engine is None or model.queue is None:
-            raise ModelNotReadyError(f"the model {alias!r} is still loading; retry shortly")
-        return model
-
     async def acquire(self, alias: str) -> ServedModel:
         """The model called ``alias``, loaded on demand: a request for an unloaded model starts its load (or
         joins the one under way) and waits up to load_timeout_s. 404 for an unknown name, 503 when it failed,

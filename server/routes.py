@@ -268,10 +268,7 @@ async def list_models(request: Request) -> ModelList:
 
 @api.get("/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> ModelCard:
-    registry = app_state(request).registry
-    if model_id not in registry.models:
-        registry.get(model_id)  # raises the 404 with the list of served models
-    return _card(registry.models[model_id])
+    return _card(app_state(request).registry.find(model_id))
 
 
 @api.get("/plan")
