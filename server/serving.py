@@ -7,7 +7,9 @@ so that it is a 400 before any slot is taken or any byte of a stream is sent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -72,7 +74,7 @@ class Prepared:
     id: str = field(default_factory=lambda: new_id("chatcmpl"))
     created: int = field(default_factory=now_s)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """OpenAI's system_fingerprint: what produced the answer (server, llama.cpp, the model's placement)."""
         return system_fingerprint(self.model)
@@ -159,16 +161,24 @@ def prepare_completion(request: CompletionRequest, model: ServedModel, received_
 def system_fingerprint(model: ServedModel) -> str:
     """Changes when anything that can change an answer at a fixed seed changes: the server or llama.cpp
     version, the model file, or how it is loaded (split, cache types, context per sequence)."""
+    return _fingerprint(model.path.name, model.load_settings.model_dump_json())
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(model_file: str, load_settings_json: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     from server import __version__
 
     try:
-        llama_version = version("llama-cpp-python")
+        llama_version = version("llama-cpp-python")  # reads package metadata from disk: once, not per request
     except PackageNotFoundError:
         llama_version = "unknown"
-    key = f"{llama_version}|{model.path.name}|{model.load_settings.model_dump_json()}"
+    key = f"{llama_version}|{model_file}|{load_settings_json}"
     return f"fp_llamasplit-{__version__}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+_SPLICE = "\u0000llamasplit-token\u0000"  # a text no token decodes to: where a chunk's text goes
 
 
 def envelope(prepared: Prepared) -> dict[str, Any]:
@@ -244,6 +254,9 @@ async def events(
     model = prepared.model
     engine = prepared.engine
     label = model.alias
+    # The labelled children once per request, not once per token.
+    ttft, itl = metrics.ttft.labels(label), metrics.itl.labels(label)
+    generated, prompt_tokens = metrics.generated_tokens.labels(label), metrics.prompt_tokens.labels(label)
     async with admission:
         stream = engine.generate(prepared.generation)
         last_s: float | None = None
@@ -252,14 +265,14 @@ async def events(
             async for event in stream:
                 if isinstance(event, TokenEvent):
                     if last_s is None:
-                        metrics.ttft.labels(label).observe(max(event.time_s - prepared.received_s, 0.0))
-                        metrics.prompt_tokens.labels(label).inc(len(prepared.generation.prompt_tokens))
+                        ttft.observe(max(event.time_s - prepared.received_s, 0.0))
+                        prompt_tokens.inc(len(prepared.generation.prompt_tokens))
                     else:
-                        metrics.itl.labels(label).observe(max(event.time_s - last_s, 0.0))
+                        itl.observe(max(event.time_s - last_s, 0.0))
                     last_s = event.time_s
-                    metrics.generated_tokens.labels(label).inc()
+                    generated.inc()
                 elif last_s is None:  # finished without a token (EOS first)
-                    metrics.prompt_tokens.labels(label).inc(event.prompt_tokens)
+                    prompt_tokens.inc(event.prompt_tokens)
                 finished = finished or isinstance(event, FinishEvent)
                 yield event
         finally:
@@ -331,13 +344,18 @@ async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -
         )
         return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
 
+    # The chunk of a plain token is the same JSON for every token but its text: serialise it once and splice
+    # each token's text in (the per-token path runs once per token of every stream, on the event loop).
+    head, tail = chunk(ChatDelta(content=_SPLICE)).split(json.dumps(_SPLICE))
     try:
         yield chunk(ChatDelta(role="assistant", content=""))
         async for event in stream:
             if isinstance(event, TokenEvent):
-                lps = [chat_logprob(event.logprob, prepared.top_logprobs)] if event.logprob is not None else None
-                if event.text or lps:
+                if event.logprob is not None:
+                    lps = [chat_logprob(event.logprob, prepared.top_logprobs)]
                     yield chunk(ChatDelta(content=event.text), logprobs=lps)
+                elif event.text:
+                    yield head + json.dumps(event.text, ensure_ascii=False) + tail
                 continue
             if event.text:
                 yield chunk(ChatDelta(content=event.text))
