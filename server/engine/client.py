@@ -40,6 +40,7 @@ from server.engine.protocol import (
     TokenEvent,
 )
 from server.engine.vocab import Tokenizer
+from tuner.llamacpp import describe_exit
 
 log = logging.getLogger("llamasplit.engine")
 
@@ -200,7 +201,7 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             returncode = self._proc.wait()
-        reason = "it was shut down" if self._closing else f"the engine process {_describe_exit(returncode)}"
+        reason = "it was shut down" if self._closing else f"the engine process ended ({describe_exit(returncode)})"
         with self._lock:
             self.dead_reason = reason
             calls, self._calls = self._calls, {}
@@ -249,14 +250,6 @@ class WorkerProcess:
 def _put_all(items: list[tuple[_Stream, Any]]) -> None:
     for stream, event in items:
         stream.queue.put_nowait(event)
-
-
-def _describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-returncode).name}"
-        return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
 
 
 def _remote_error(error_type: str, text: str) -> Exception:

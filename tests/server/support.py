@@ -130,6 +130,25 @@ def serve_cli(args: Sequence[str], log: Path, timeout_s: float = START_TIMEOUT_S
                     proc.wait()
 
 
+def plan_and_chat_over_two_rpc_devices(
+    model: Path, log: Path, *flags: str
+) -> tuple[list[str], dict[str, Any], httpx.Response]:
+    """Serve ``model`` as "smol" over two local RPC devices with ``flags``: the endpoints, the model's /v1/plan
+    entry and the reply to a short chat."""
+    from tests.kit.rpcbed import rpc_servers
+
+    with rpc_servers(2) as endpoints, serve_cli(
+        ["--model", f"smol={model}", "--rpc", ",".join(endpoints), "--ctx", "2048", *flags], log
+    ) as url:
+        entry = httpx.get(url + "/v1/plan").json()["data"][0]
+        reply = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=120,
+        )
+    return endpoints, entry, reply
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample in Prometheus text format, or None when absent."""
     for line in text.splitlines():

@@ -28,7 +28,7 @@ ALL_ERRORS = [
     (errors.QueueFullError("busy", retry_after_s=2, status_code=503), 503, "rate_limit_error", "queue_full"),
     (errors.ModelNotReadyError("loading"), 503, "server_error", "model_loading"),
     (errors.EngineFailedError("decode failed"), 500, "server_error", None),
-    (errors.EngineGoneError("the engine process was killed by SIGKILL"), 503, "server_error", "engine_died"),
+    (errors.EngineGoneError("the engine process ended (killed by SIGKILL)"), 503, "server_error", "engine_died"),
 ]
 
 # What the engine raises (plain Python, no HTTP) and what the client is told.

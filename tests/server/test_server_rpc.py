@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.kit.rpcbed import rpc_servers
-from tests.server.support import serve_cli
+from tests.server.support import plan_and_chat_over_two_rpc_devices
 
 pytestmark = pytest.mark.llama
 MiB = 1024 * 1024
@@ -21,16 +19,8 @@ MiB = 1024 * 1024
 
 def test_serve_over_two_rpc_devices_reports_memory_per_device(smollm2: Path, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    with rpc_servers(2) as endpoints:
-        args = ["--model", f"smol={smollm2}", "--rpc", ",".join(endpoints), "--ctx", "2048", "--n-gpu-layers", "31",
-                "--tensor-split", "0.6,0.4"]  # fmt: skip
-        with serve_cli(args, log) as url:
-            entry = httpx.get(url + "/v1/plan").json()["data"][0]
-            reply = httpx.post(
-                url + "/v1/chat/completions",
-                json={"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
-                timeout=120,
-            )
+    flags = ("--n-gpu-layers", "31", "--tensor-split", "0.6,0.4")
+    endpoints, entry, reply = plan_and_chat_over_two_rpc_devices(smollm2, log, *flags)
 
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] >= 1

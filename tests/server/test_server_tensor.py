@@ -9,27 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.kit.rpcbed import rpc_servers
-from tests.server.support import ROOT, cli_environment, serve_cli
+from tests.server.support import ROOT, cli_environment, plan_and_chat_over_two_rpc_devices
 
 pytestmark = pytest.mark.llama
 
 
 def test_serve_with_tensor_split_over_two_rpc_devices_answers_a_chat(smollm2: Path, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    with rpc_servers(2) as endpoints:
-        args = ["--model", f"smol={smollm2}", "--rpc", ",".join(endpoints), "--ctx", "2048", "--split-mode", "tensor",
-                "--tensor-split", "0.6,0.4"]  # fmt: skip
-        with serve_cli(args, log) as url:
-            entry = httpx.get(url + "/v1/plan").json()["data"][0]
-            reply = httpx.post(
-                url + "/v1/chat/completions",
-                json={"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
-                timeout=120,
-            )
+    flags = ("--split-mode", "tensor", "--tensor-split", "0.6,0.4")
+    _, entry, reply = plan_and_chat_over_two_rpc_devices(smollm2, log, *flags)
 
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] >= 1

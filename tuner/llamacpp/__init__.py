@@ -21,7 +21,7 @@ if TYPE_CHECKING:
         parse_log,
     )
     from tuner.llamacpp.libs import llama_cpp_module
-    from tuner.llamacpp.load import load_and_report
+    from tuner.llamacpp.load import describe_exit, load_and_report
     from tuner.llamacpp.open import (
         GGML_TYPE_IDS,
         LoadError,
@@ -65,6 +65,7 @@ _MODULE_OF = {
     "open_model": "open",
     "open_vocab": "open",
     "load_and_report": "load",
+    "describe_exit": "load",
     "llama_cpp_module": "libs",
     "LocalDevice": "rpc",
     "default_served_devices": "rpc",
@@ -93,6 +94,7 @@ __all__ = [
     "capture_llama_log",
     "default_served_devices",
     "default_threads",
+    "describe_exit",
     "device_list",
     "ggml_type_id",
     "llama_cpp_module",

@@ -115,7 +115,7 @@ def _run_child(request: LoadRequest, timeout_s: float) -> BufferReport:
         tail = _log_tail(proc.stderr)
         if not result_path.exists():
             raise LoadError(
-                f"the llama.cpp child process died ({_describe_exit(proc.returncode)}) while loading "
+                f"the llama.cpp child process died ({describe_exit(proc.returncode)}) while loading "
                 f"{request.model_path}",
                 tail,
             )
@@ -127,7 +127,8 @@ def _run_child(request: LoadRequest, timeout_s: float) -> BufferReport:
     return report
 
 
-def _describe_exit(returncode: int) -> str:
+def describe_exit(returncode: int) -> str:
+    """How a child process ended, in words: "killed by SIGABRT" or "exit status 1"."""
     if returncode < 0:
         import signal
 
