@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from tuner.gguf import read_model
 from tuner.llamacpp import load_and_report
 from tuner.model import ModelInfo
 from tuner.planner import ROW_UNAVAILABLE, plan
+from tuner.speed import SpeedModel, allreduce_steps_per_token, calibrate_allreduce
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -164,6 +168,52 @@ def test_latency_objective_picks_tensor_split_when_predicted_faster(synth_model)
     by_mode = {a.split_mode: a for a in latency.alternatives}
     assert (by_mode["tensor"].predicted_tokens_per_s or 0) > (by_mode["layer"].predicted_tokens_per_s or 0)
     assert (by_mode["layer"].batch_tokens_per_s or 0) > (by_mode["tensor"].batch_tokens_per_s or 0)
+
+
+def tune_split(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tuner.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_tune_split_calibrates_the_allreduce_from_one_measured_run(synth_model) -> None:  # type: ignore[no-untyped-def]
+    """A run measured slower than the assumed PCIe link predicts: the fitted step latency reproduces it, and the
+    printed --allreduce-step-us gives the same plan later; a speed the model cannot reach is refused."""
+    run = (synth_model("llama-70b-q4_k_m"), "--gpus", "2x RTX 4090", "--split-mode", "tensor", "--tensor-split",
+           "1,1", "--ctx", "4096", "--format", "json")  # fmt: skip
+    assumed = tune_split(*run)
+    assumed_rate = json.loads(assumed.stdout)["predicted_tokens_per_s"]
+    measured = round(0.8 * assumed_rate, 2)
+
+    calibrated = tune_split(*run, "--calibrate-allreduce", str(measured))
+    assert calibrated.returncode == 0, calibrated.stderr
+    assert json.loads(calibrated.stdout)["predicted_tokens_per_s"] == pytest.approx(measured, rel=1e-3)
+    found = re.search(r"calibrated to ([\d.]+) us .* --allreduce-step-us ([\d.]+)", calibrated.stderr)
+    assert found is not None, calibrated.stderr
+    step_us = float(found[2])
+    assert step_us > SpeedModel().allreduce_step_s * 1e6  # slower than assumed: a slower link
+
+    reused = tune_split(*run, "--allreduce-step-us", str(step_us))
+    assert json.loads(reused.stdout)["predicted_tokens_per_s"] == pytest.approx(measured, rel=2e-3)
+    by_mode = {a["split_mode"]: a for a in json.loads(reused.stdout)["alternatives"]}
+    assert by_mode["tensor"]["predicted_tokens_per_s"] == pytest.approx(measured, rel=2e-3)
+
+    too_fast = tune_split(*run, "--calibrate-allreduce", str(round(10 * assumed_rate, 1)))
+    assert too_fast.returncode == 2 and "faster than the speed model allows" in too_fast.stderr
+    assert len(too_fast.stderr.strip().splitlines()) == 1
+    layer_mode = tune_split(*run[:3], "--calibrate-allreduce", "20")
+    assert layer_mode.returncode == 2 and "--split-mode tensor" in layer_mode.stderr
+
+
+def test_calibrated_step_reproduces_the_measured_time_per_token() -> None:
+    """The arithmetic: the rest of the measured time per token over 2 x layers x ceil(log2 n) steps."""
+    seconds_without = 1 / 40.0
+    step_s = calibrate_allreduce(32.0, seconds_without, n_device_layers=80, n_devices=3)
+    assert allreduce_steps_per_token(80, 3) == 2 * 80 * 2
+    assert seconds_without + step_s * allreduce_steps_per_token(80, 3) == pytest.approx(1 / 32.0)
+    assert calibrate_allreduce(50.0, seconds_without, 80, 2) < 0  # faster than free all-reduces allow
+    with pytest.raises(ValueError, match="no all-reduce"):
+        calibrate_allreduce(30.0, seconds_without, 80, 1)
 
 
 @pytest.mark.llama

@@ -14,6 +14,13 @@ or list every quantisation of a repo with its verdict (HF_TOKEN or `hf auth logi
     tune-split bartowski/Llama-3.3-70B-Instruct-GGUF:Q4_K_M --gpus "RTX 4090,RTX 4080"
     tune-split bartowski/Llama-3.3-70B-Instruct-GGUF --gpus "RTX 4090,RTX 4080"
 
+Calibrate the tensor-split all-reduce from one measured run (e.g. llama-bench -sm tensor -ts 1,1 -ngl 99 -p 0
+-n 128, its tg128 tokens/s), then plan other runs on the same cards with the figure it prints:
+
+    tune-split models/llama-3.3-70b-q4_k_m.gguf --split-mode tensor -ts 1,1 -ngl 81 --ctx 4096 \
+        --calibrate-allreduce 27.4
+    tune-split models/other.gguf --objective latency --allreduce-step-us 41.3
+
 Tables go to stdout, logs to stderr; `--format json` is for scripts (schema: tuner.plan.Plan).
 Exit status: 0 the plan fits, 3 it does not fit, 2 bad input (one line on stderr).
 """
@@ -35,6 +42,8 @@ if TYPE_CHECKING:
     from tuner.devices import Device
     from tuner.hub import Hub
     from tuner.hubref import HubReference
+    from tuner.model import ModelInfo
+    from tuner.speed import SpeedModel
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -50,6 +59,26 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -89,23 +118,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ubatch", "-ub", type=_positive_int, default=512, help="physical batch (default 512)")
     parser.add_argument("--kv-unified", action="store_true", help="one KV buffer shared by all sequences")
     parser.add_argument(
-        "--swa-full", choices=("on", "off"), default="on",
+        "--swa-full",
+        choices=("on", "off"),
+        default="on",
         help="full-size cache for sliding-window layers (on: llama-cpp-python's default)",
     )
     parser.add_argument("--reserve", type=_non_negative_int, default=512, help="MiB kept free per GPU (default 512)")
     parser.add_argument(
-        "--objective", choices=("speed", "balanced", "latency", "throughput"), default="speed",
+        "--objective",
+        choices=("speed", "balanced", "latency", "throughput"),
+        default="speed",
         help="speed: fastest layer split; balanced: equal headroom; latency / throughput: pick layer or tensor "
         "split by single-stream or batched speed",
     )
     parser.add_argument(
-        "--split-mode", "-sm", choices=("layer", "tensor", "row", "none"),
+        "--split-mode",
+        "-sm",
+        choices=("layer", "tensor", "row", "none"),
         help="layer (default), tensor (tensor parallelism), none (one device); row is rated unavailable",
     )
     parser.add_argument("--tensor-split", "-ts", type=_split, help="evaluate this split instead of planning one")
     parser.add_argument("--n-gpu-layers", "-ngl", type=_non_negative_int, help="entries on GPUs (output included)")
     parser.add_argument("--main-gpu", "-mg", type=_non_negative_int)
     parser.add_argument("--host-ram", type=float, help="GiB of RAM available for CPU layers (default: unchecked)")
+    allreduce = parser.add_mutually_exclusive_group()
+    allreduce.add_argument(
+        "--calibrate-allreduce",
+        type=_positive_float,
+        metavar="TOKENS_PER_S",
+        help="single-stream decode speed measured for a -sm tensor run with these settings (model, cards, -ts, "
+        "-ngl, -c): fit the all-reduce step latency to it and plan with that (docs/TUNER.md)",
+    )
+    allreduce.add_argument(
+        "--allreduce-step-us",
+        type=_non_negative_float,
+        metavar="US",
+        help="all-reduce step latency for split mode tensor, e.g. what --calibrate-allreduce printed "
+        "(default 25: PCIe 4.0 without peer-to-peer)",
+    )
     parser.add_argument("--measure", action="store_true", help="also run llama.cpp's own dry run on the devices")
     parser.add_argument("--format", choices=("table", "json", "flags", "env"), default="table")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -135,7 +185,6 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
 
 
 def run(args: argparse.Namespace, out: Console) -> int:
-    from tuner.api import plan_model
     from tuner.hubref import looks_remote
     from tuner.inventory import discover_devices
 
@@ -144,12 +193,41 @@ def run(args: argparse.Namespace, out: Console) -> int:
     if looks_remote(args.model):
         return run_hub(args, out, request, rpc)
     devices = discover_devices(rpc=rpc, gpus=args.gpus)
-    plan = plan_model(args.model, request, devices, strict=False)
+    plan = plan_with_speed(args.model, request, devices, args)
     if args.measure:
         from tuner.measure import attach_measurement
 
         plan = attach_measurement(plan, rpc)
     return emit(plan, args, out)
+
+
+def speed_from_args(args: argparse.Namespace) -> SpeedModel:
+    """The speed model with the all-reduce latency the user gave (the assumed one otherwise)."""
+    import dataclasses
+
+    from tuner.speed import DEFAULT_SPEED_MODEL
+
+    if args.allreduce_step_us is None:
+        return DEFAULT_SPEED_MODEL
+    return dataclasses.replace(DEFAULT_SPEED_MODEL, allreduce_step_s=args.allreduce_step_us * 1e-6)
+
+
+def plan_with_speed(
+    model: str | ModelInfo, request: PlanRequest, devices: list[Device], args: argparse.Namespace
+) -> Plan:
+    """The plan, with the speed model the flags ask for; --calibrate-allreduce fits it to the measured run first
+    and says so on stderr."""
+    from tuner.api import plan_model
+    from tuner.gguf import read_model
+    from tuner.tensor_planner import calibrate_allreduce_from_run
+
+    speed = speed_from_args(args)
+    if args.calibrate_allreduce is None:
+        return plan_model(model, request, devices, strict=False, speed=speed)
+    info = read_model(model) if isinstance(model, str) else model
+    calibration = calibrate_allreduce_from_run(info, devices, request, args.calibrate_allreduce, speed)
+    print(f"tune-split: {calibration.describe()}", file=sys.stderr)
+    return calibration.plan
 
 
 def emit(plan: Plan, args: argparse.Namespace, out: Console) -> int:
@@ -174,7 +252,6 @@ def emit(plan: Plan, args: argparse.Namespace, out: Console) -> int:
 
 def run_hub(args: argparse.Namespace, out: Console, request: PlanRequest, rpc: list[str]) -> int:
     """A model on the Hugging Face Hub: plan it from its header, or list the repo's quantisations."""
-    from tuner.api import plan_model
     from tuner.errors import HubError
     from tuner.hub import Hub
     from tuner.inventory import discover_devices
@@ -191,7 +268,7 @@ def run_hub(args: argparse.Namespace, out: Console, request: PlanRequest, rpc: l
     listing, model = hub.resolve(ref)
     info, stats = hub.read_model(listing, model)
     print(f"tune-split: read {ref} at {listing.commit[:12]} from the Hub: {stats.describe()}", file=sys.stderr)
-    return emit(plan_model(info, request, devices, strict=False), args, out)
+    return emit(plan_with_speed(info, request, devices, args), args, out)
 
 
 def run_listing(
@@ -203,6 +280,8 @@ def run_listing(
 
     if args.format in ("flags", "env"):
         raise PlanRequestError(f"--format {args.format} needs one model; name a quantisation, e.g. {ref}:Q4_K_M")
+    if args.calibrate_allreduce is not None or args.allreduce_step_us is not None:
+        raise PlanRequestError(f"the all-reduce flags need one model; name a quantisation, e.g. {ref}:Q4_K_M")
     if request.n_ctx is None and not request.max_ctx:
         # The question a listing answers is "at what context", so each row gets the largest that fits.
         request = request.model_copy(update={"max_ctx": True})

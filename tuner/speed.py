@@ -174,16 +174,30 @@ def tensor_split_token_time_s(
     return slowest + n_device_layers * (model.layer_overhead_s + reduce) + host + hop
 
 
+def allreduce_steps_per_token(n_device_layers: int, n_devices: int) -> int:
+    """Exchange steps one decoded token pays in split mode tensor: 2 all-reduces a layer, ceil(log2 n) each."""
+    if n_devices < 2:
+        return 0
+    return 2 * n_device_layers * math.ceil(math.log2(n_devices))
+
+
 def calibrate_allreduce(
-    measured_tokens_per_s: float, predicted_without_reduce_s: float, n_device_layers: int, n_devices: int
+    measured_tokens_per_s: float, predicted_without_latency_s: float, n_device_layers: int, n_devices: int
 ) -> float:
     """The all-reduce step latency that makes the tensor-split model reproduce one measured decode speed.
 
-    ``predicted_without_reduce_s`` is ``tensor_split_token_time_s`` with ``allreduce_step_s=0`` and an infinite
-    link; the rest of the measured time per token is 2 x n_layers all-reduces of ceil(log2 n) steps each.
+    ``predicted_without_latency_s`` is ``tensor_split_token_time_s`` with ``allreduce_step_s=0`` (the link's
+    bytes/bandwidth term kept): the rest of the measured time per token is spread over the
+    2 x n_layers x ceil(log2 n) exchange steps. Negative when the measured run is faster than the model allows
+    even with free all-reduces (the devices' bandwidth or efficiency figures are too pessimistic); the caller
+    decides what to make of that.
     """
-    steps = 2 * n_device_layers * math.ceil(math.log2(max(n_devices, 2)))
-    return max((1 / measured_tokens_per_s - predicted_without_reduce_s) / steps, 0.0)
+    if measured_tokens_per_s <= 0:
+        raise ValueError(f"a measured speed must be positive, got {measured_tokens_per_s}")
+    steps = allreduce_steps_per_token(n_device_layers, n_devices)
+    if steps == 0:
+        raise ValueError("a run on one device, or with no layer on the devices, makes no all-reduce")
+    return (1 / measured_tokens_per_s - predicted_without_latency_s) / steps
 
 
 def layer_split_batch_tokens_per_s(

@@ -21,8 +21,11 @@ A tensor_split or n_gpu_layers the user gave is evaluated as given.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from tuner.devices import Device
 from tuner.errors import PlanRequestError
 from tuner.layout import Layout
 from tuner.memory.compute import ComputeBuffers, estimate_compute
@@ -34,8 +37,14 @@ from tuner.memory.tensor_split import (
     device_weight_bytes,
     meta_backend,
 )
-from tuner.planner import Candidate, LayerPlanner
+from tuner.model import ModelInfo
+from tuner.plan import Plan, PlanRequest
+from tuner.planner import Candidate, LayerPlanner, plan
 from tuner.speed import (
+    DEFAULT_SPEED_MODEL,
+    SpeedModel,
+    allreduce_steps_per_token,
+    calibrate_allreduce,
     layer_split_batch_tokens_per_s,
     tensor_split_batch_tokens_per_s,
     tensor_split_token_time_s,
@@ -51,12 +60,12 @@ def check_tensor_request(planner: LayerPlanner) -> None:
     if model.architecture in TENSOR_UNSUPPORTED_ARCHITECTURES:
         raise PlanRequestError(
             f"split mode tensor is not implemented for architecture {model.architecture!r} in llama.cpp "
-            "(\"LLAMA_SPLIT_MODE_TENSOR not implemented\"); use --split-mode layer"
+            '("LLAMA_SPLIT_MODE_TENSOR not implemented"); use --split-mode layer'
         )
     if not planner.settings.flash_attn:
         raise PlanRequestError(
             "split mode tensor needs flash attention, but it is off (llama.cpp refuses the context: "
-            "\"SPLIT_MODE_TENSOR requires flash_attn to be enabled\"); use --flash-attn on or auto"
+            '"SPLIT_MODE_TENSOR requires flash_attn to be enabled"); use --flash-attn on or auto'
         )
     if not planner.devices:
         raise PlanRequestError("split mode tensor needs at least one GPU or RPC device; none was found")
@@ -121,9 +130,7 @@ class TensorPlanner:
         if n_gpu_layers:
             weights = device_weight_bytes(self.split, base.memory.groups, start, True, proportions, self.backends)
             kv = self._kv_bytes(proportions, start)
-            meta_compute = self.compute(meta_layout).device_bytes[0] + self.split.reduce_buffer_bytes(
-                base.settings
-            )
+            meta_compute = self.compute(meta_layout).device_bytes[0] + self.split.reduce_buffer_bytes(base.settings)
             compute = [meta_compute] * self.n
         devices = tuple(
             DeviceMemory(weights[j], kv[j], compute[j], base.memory.overhead_bytes[j]) for j in range(self.n)
@@ -258,7 +265,7 @@ class TensorPlanner:
                 return (
                     f"split mode tensor would abort llama.cpp while loading {tensor.name}: its rows are one "
                     f"quantisation block ({tensor.shape[0]} values) and device {elements.index(0)} gets none of "
-                    "them (GGML_ASSERT \"tensor write out of bounds\"); use --split-mode layer"
+                    'them (GGML_ASSERT "tensor write out of bounds"); use --split-mode layer'
                 )
         return None
 
@@ -353,3 +360,74 @@ def _largest(fits: Callable[[int], bool], n_entries: int) -> int:
         else:
             high = middle - 1
     return low
+
+
+# Calibration ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllreduceCalibration:
+    """The all-reduce step latency fitted to one measured tensor-split run, and the figures it came from."""
+
+    step_s: float
+    measured_tokens_per_s: float
+    without_latency_tokens_per_s: float  # the model's speed for that run with free exchange steps
+    steps_per_token: int
+    plan: Plan  # the run's plan, planned again with the fitted latency: it predicts the measured speed
+    speed: SpeedModel
+
+    def describe(self) -> str:
+        return (
+            f"all-reduce step calibrated to {self.step_s * 1e6:.1f} us from {self.measured_tokens_per_s:g} "
+            f"tokens/s measured (the model predicts {self.without_latency_tokens_per_s:.1f} tokens/s with free "
+            f"exchange steps; the difference is spread over {self.steps_per_token} steps a token); plan later "
+            f"runs on these cards with --allreduce-step-us {self.step_s * 1e6:.1f}"
+        )
+
+
+def calibrate_allreduce_from_run(
+    model: ModelInfo,
+    devices: Sequence[Device],
+    request: PlanRequest,
+    measured_tokens_per_s: float,
+    speed: SpeedModel = DEFAULT_SPEED_MODEL,
+) -> AllreduceCalibration:
+    """Fit ``speed.allreduce_step_s`` so that the plan of ``request`` (the measured run's settings, split mode
+    tensor) predicts ``measured_tokens_per_s`` for one stream.
+
+    Everything else in the speed model stays as assumed (device bandwidths, efficiency, per-layer overhead,
+    link bandwidth): the whole gap between the run and the model without exchange latency is charged to it.
+    """
+    if request.split_mode != "tensor":
+        raise PlanRequestError(
+            "calibrating the all-reduce needs the measured run's settings with --split-mode tensor "
+            "(and its --tensor-split and --n-gpu-layers)"
+        )
+    if not measured_tokens_per_s > 0:
+        raise PlanRequestError(f"the measured speed must be a positive tokens/s figure, got {measured_tokens_per_s}")
+    free_steps = dataclasses.replace(speed, allreduce_step_s=0.0)
+    baseline = plan(model, devices, request, free_steps)
+    steps = allreduce_steps_per_token(min(baseline.n_gpu_layers, model.n_layer), len(baseline.devices))
+    if not steps or not baseline.predicted_tokens_per_s:
+        raise PlanRequestError(
+            "this run makes no all-reduce (one device, or no layer on the devices); nothing to calibrate"
+        )
+    step_s = calibrate_allreduce(
+        measured_tokens_per_s, 1 / baseline.predicted_tokens_per_s, min(baseline.n_gpu_layers, model.n_layer),
+        len(baseline.devices),
+    )  # fmt: skip
+    if step_s < 0:
+        raise PlanRequestError(
+            f"{measured_tokens_per_s:g} tokens/s is faster than the speed model allows for this run even with "
+            f"free all-reduces ({baseline.predicted_tokens_per_s:.1f} tokens/s): its bandwidth figures for these "
+            "devices are too low, so the all-reduce cannot be calibrated from it; check --gpus and the settings"
+        )
+    calibrated = dataclasses.replace(speed, allreduce_step_s=step_s)
+    return AllreduceCalibration(
+        step_s=step_s,
+        measured_tokens_per_s=measured_tokens_per_s,
+        without_latency_tokens_per_s=baseline.predicted_tokens_per_s,
+        steps_per_token=steps,
+        plan=plan(model, devices, request, calibrated),
+        speed=calibrated,
+    )
