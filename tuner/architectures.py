@@ -1,8 +1,10 @@
 """What the tuner must know per architecture beyond the GGUF keys: which names llama.cpp 0.3.36 accepts, the
-default sliding-window layer pattern, and which ones keep a recurrent state instead of a plain KV cache.
+default sliding-window layer pattern, which ones keep a recurrent state instead of a plain KV cache, and which
+ones (the BERT-family encoders) keep no cache at all.
 
 The lists come from the vendored llama.cpp (src/llama-arch.cpp LLM_ARCH_NAMES, llm_arch_is_recurrent/hybrid,
-and the `load_swa_pattern(ml, N, dense_first)` calls in src/models/*.cpp).
+llama_model::create_memory in src/llama-model.cpp and the `load_swa_pattern(ml, N, dense_first)` calls in
+src/models/*.cpp).
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ RECURRENT_ARCHITECTURES = frozenset(
     minimax-01
     """.split()
 )
+
+# BERT-family encoders: no KV cache (llama_model::create_memory returns nullptr for them), attention over the
+# batch's own tokens only (non-causal), and no language-model head (llama.cpp loads no output layer, so
+# token_embd is never duplicated onto the output device). Their context computes pooled embeddings.
+ENCODER_ARCHITECTURES = frozenset(
+    "bert nomic-bert nomic-bert-moe jina-bert-v2 jina-bert-v3 neo-bert eurobert modern-bert".split()
+)
+
+# Every architecture llama.cpp runs without a KV cache: the encoders, gemma-embedding (a decoder's weights run
+# non-causally for embeddings) and the diffusion models, which re-read the whole sequence at every step.
+NO_KV_CACHE_ARCHITECTURES = ENCODER_ARCHITECTURES | frozenset(
+    "gemma-embedding wavtokenizer-dec dream llada llada-moe rnd1".split()
+)
+
+# Models served for /v1/embeddings rather than chat: the context is created with embeddings on.
+EMBEDDING_ARCHITECTURES = ENCODER_ARCHITECTURES | {"gemma-embedding"}
 
 # Default sliding-window pattern when the GGUF has no `{arch}.attention.sliding_window_pattern`:
 # (n_pattern, dense_first). With dense_first=False every n-th layer (il % n == n-1) is full attention.

@@ -62,5 +62,32 @@ class ModelInfo:
         return self.n_embd_head_v * self.n_head_kv[il]
 
     @property
+    def has_kv_cache(self) -> bool:
+        """False for the architectures llama.cpp runs without a KV cache (BERT-family encoders and the like)."""
+        from tuner.architectures import NO_KV_CACHE_ARCHITECTURES
+
+        return self.architecture not in NO_KV_CACHE_ARCHITECTURES
+
+    @property
+    def is_encoder(self) -> bool:
+        """A BERT-family encoder: no KV cache, non-causal attention, no output (LM) head."""
+        from tuner.architectures import ENCODER_ARCHITECTURES
+
+        return self.architecture in ENCODER_ARCHITECTURES
+
+    @property
+    def embeddings(self) -> bool:
+        """An embedding model: served for embeddings, its context computes them (and pools them)."""
+        from tuner.architectures import EMBEDDING_ARCHITECTURES
+
+        return self.architecture in EMBEDDING_ARCHITECTURES
+
+    @property
+    def pooling_type(self) -> int:
+        """``{arch}.pooling_type`` (llama_pooling_type: 0 none, 1 mean, 2 CLS, 3 last, 4 rank); 0 when absent."""
+        value = self.metadata.get(f"{self.architecture}.pooling_type", 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    @property
     def file_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors)

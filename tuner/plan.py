@@ -16,6 +16,7 @@ from tuner.devices import AllocatorBackend, DeviceKind
 SplitMode = Literal["layer", "row", "none", "tensor"]
 Objective = Literal["speed", "balanced", "latency", "throughput"]
 FlashAttn = Literal["on", "off", "auto"]
+PoolingType = Literal["unspecified", "none", "mean", "cls", "last", "rank"]  # llama.cpp's enum llama_pooling_type
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 MiB = 1024 * 1024
 
@@ -108,6 +109,9 @@ class Plan(BaseModel):
     flash_attn: bool
     kv_unified: bool
     swa_full: bool
+    # An embedding model (BERT-family encoder): its context computes pooled embeddings, it has no KV cache and
+    # no LM head; it serves /v1/embeddings, not chat.
+    embeddings: bool = False
     objective: Objective
     fits: bool
     verdict: str
@@ -149,6 +153,7 @@ class Plan(BaseModel):
             flash_attn="on" if self.flash_attn else "off",
             kv_unified=self.kv_unified,
             swa_full=self.swa_full,
+            embeddings=self.embeddings,
             n_threads=n_threads,
             n_threads_batch=n_threads_batch,
             use_mmap=use_mmap,
@@ -178,6 +183,10 @@ class LoadSettings(BaseModel):
     flash_attn: FlashAttn = "auto"
     kv_unified: bool = False
     swa_full: bool = True
+    # The context computes embeddings (llama_context_params.embeddings), pooled as ``pooling`` says;
+    # "unspecified" takes the GGUF's {arch}.pooling_type, as llama.cpp does.
+    embeddings: bool = False
+    pooling: PoolingType = "unspecified"
     n_threads: int | None = Field(default=None, ge=1)  # None: every CPU this process may run on
     n_threads_batch: int | None = Field(default=None, ge=1)  # None: n_threads
     use_mmap: bool = True

@@ -31,6 +31,8 @@ GGML_TYPE_IDS: dict[str, int] = {
 FLASH_ATTN_TYPES: dict[str, int] = {"auto": -1, "off": 0, "on": 1}
 # enum llama_split_mode; "tensor" (3) is llama.cpp's tensor parallelism over a "Meta" device.
 SPLIT_MODES: dict[str, int] = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
+# enum llama_pooling_type
+POOLING_TYPES: dict[str, int] = {"unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
 # enum llama_load_mode
 LLAMA_LOAD_MODE_NONE = 0
 LLAMA_LOAD_MODE_MMAP = 1
@@ -178,6 +180,8 @@ def open_model(
         cparams.flash_attn_type = FLASH_ATTN_TYPES[settings.flash_attn]
         cparams.kv_unified = settings.kv_unified
         cparams.swa_full = settings.swa_full
+        cparams.embeddings = settings.embeddings
+        cparams.pooling_type = POOLING_TYPES[settings.pooling]
         cparams.no_perf = True
         started = time.monotonic()
         ctx = llama_cpp.llama_init_from_model(model, cparams)

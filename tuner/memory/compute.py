@@ -37,6 +37,7 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.layout import Layout, RuntimeSettings
+from tuner.memory.encoder_graph import _Encoder
 from tuner.memory.ggml_alloc import _allocate, _Arena
 from tuner.memory.ggml_graph import _F16, _T, _quantized, _row_bytes
 from tuner.memory.ggml_sched import _schedule
@@ -91,11 +92,12 @@ def _cuda_alloc_size(t: _T, cuda: CudaCalibration) -> int:
     return size
 
 
-def _resolve(settings: RuntimeSettings, n_swa: int, tg: bool) -> _Run:
+def _resolve(settings: RuntimeSettings, n_swa: int, tg: bool, causal: bool = True) -> _Run:
     """The reserve ubatch of llama_context::sched_reserve (pp graph) or its one-token-per-sequence twin."""
     n_seq = settings.n_seq_max
     n_ctx = -(-settings.n_ctx // 256) * 256
-    n_batch = min(settings.n_ctx, settings.n_batch)  # causal models: a batch never exceeds the context
+    # causal models: a batch never exceeds the context; encoders keep the batch they are given
+    n_batch = min(settings.n_ctx, settings.n_batch) if causal else settings.n_batch
     n_ubatch = min(n_batch, settings.n_ubatch)
     n_ctx_seq = n_ctx if settings.kv_unified else -(-(n_ctx // n_seq) // 256) * 256
     n_swa_cells = -(-min(n_ctx_seq, n_swa * (n_seq if settings.kv_unified else 1) + n_ubatch) // 256) * 256
@@ -118,7 +120,8 @@ def _simulate(shape: _Shape, run: _Run, kinds: tuple[str, ...], plan: tuple[_Lay
               cuda: CudaCalibration) -> tuple[int, ...]:
     """Compute-buffer bytes of every backend (devices, then the host) for one reserve graph."""
     cpu = len(kinds) - 1
-    decoder = _Decoder(shape, run, plan, out_home, cpu, pin_norms=full_offload or run.n_tokens < 32)
+    builder = _Encoder if shape.encoder else _Decoder
+    decoder = builder(shape, run, plan, out_home, cpu, pin_norms=full_offload or run.n_tokens < 32)
     graph = decoder.build()
     nodes, node_ids, leafs, leaf_ids = _schedule(graph, kinds, n_copies, offloaders, cuda.op_offload_min_batch)
     gpu = [k in ("cuda", "rocm") for k in kinds]
@@ -246,10 +249,11 @@ def _estimate(model: ModelInfo, settings: RuntimeSettings, layout: Layout, cuda:
     n_copies = _GGML_SCHED_MAX_COPIES if pipeline_parallel(layout) else 1
     sizes = [0] * len(kinds)
     for tg in (False, True):
-        run = _resolve(settings, model.n_swa, tg)
+        run = _resolve(settings, model.n_swa, tg, causal=not model.is_encoder)
         sim = _simulate(shape, run, kinds, plan, homes[model.n_layer], n_copies, layout.all_offloaded,
                         offloaders, cuda)
         sizes = [max(a, b) for a, b in zip(sizes, sim, strict=True)]
-    # output_reserve(n_seq_max): one row of logits per sequence, float32
-    output_bytes = model.n_vocab * settings.n_seq_max * 4
+    # output_reserve(n_seq_max): one row of logits per sequence, float32, and one embedding row each when the
+    # context computes embeddings (llama.cpp reserves the logits even for a model without an output head)
+    output_bytes = (model.n_vocab + (model.n_embd if model.embeddings else 0)) * settings.n_seq_max * 4
     return ComputeBuffers(tuple(sizes[:cpu]), sizes[cpu], output_bytes)

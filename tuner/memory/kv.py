@@ -43,7 +43,9 @@ def layer_cells(model: ModelInfo, settings: RuntimeSettings, il: int) -> int:
 
 
 def layer_kv_bytes(model: ModelInfo, settings: RuntimeSettings) -> list[int]:
-    """KV bytes of every block."""
+    """KV bytes of every block; zero for the architectures llama.cpp runs without a cache (encoders)."""
+    if not model.has_kv_cache:
+        return [0] * model.n_layer
     v_transposed = not settings.flash_attn
     n_embd_v_max = max(model.n_embd_v_gqa(il) for il in range(model.n_layer))
     sizes = []

@@ -142,7 +142,7 @@ class MemoryModel:
         for il, block in enumerate(self.groups.blocks):
             key = (
                 self.model.swa_layers[il], self.model.n_head[il], self.model.n_head_kv[il], self.model.n_ff[il],
-                tuple(sorted((t.name.split(".", 2)[2], t.ggml_type, t.shape) for t in block)),
+                tuple(sorted((_role(t.name), t.ggml_type, t.shape) for t in block)),
             )
             kinds.append(ids.setdefault(key, len(ids)))
         return kinds
@@ -179,3 +179,9 @@ class MemoryModel:
                 total += int(tensor.n_bytes * fraction) if is_expert else tensor.n_bytes
             active.append(total)
         return active
+
+
+def _role(name: str) -> str:
+    """A block tensor's name without its block ("blk.3.attn_q.weight" -> "attn_q.weight"); tensors filed under a
+    block without being named for it (an encoder's token_embd_norm, in block 0) keep their name."""
+    return name.split(".", 2)[2] if name.startswith("blk.") else name

@@ -57,6 +57,8 @@ class _Shape:
     n_expert_used: int
     n_ff_exp: int
     weights: tuple[tuple[str, str, tuple[int, ...]], ...]  # name, type, ne
+    encoder: bool = False  # a BERT-family encoder (tuner.memory.encoder_graph rebuilds its graph)
+    pooling: int = 0  # llama_pooling_type of an embedding model's context
 
     @staticmethod
     def of(model: ModelInfo) -> _Shape:
@@ -66,6 +68,7 @@ class _Shape:
             head_v=model.n_embd_head_v, swa=model.swa_layers if model.n_swa > 0 else (False,) * model.n_layer,
             n_swa=model.n_swa, n_expert=model.n_expert, n_expert_used=model.n_expert_used,
             n_ff_exp=model.n_ff_exp, weights=tuple(_weight_entry(t) for t in model.tensors),
+            encoder=model.is_encoder, pooling=model.pooling_type,
         )
 
 

