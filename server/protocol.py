@@ -489,3 +489,59 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- embeddings -----------------------------------------------------------------------------------------------
+
+# OpenAI limits (API reference, "Create embeddings"): at most 2048 inputs, none of them empty.
+MAX_EMBEDDING_INPUTS = 2048
+NonEmptyText = Annotated[str, Field(min_length=1)]
+UNION_HINTS["input"] = (
+    "must be a non-empty string, a list of at most 2048 non-empty strings, a non-empty list of token ids "
+    "(integers >= 0), or a list of at most 2048 such lists"
+)
+
+
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings. ``dimensions`` is accepted only where it changes nothing (the model's own width):
+    no GGUF says that a model was trained to be shortened (Matryoshka), so any other value is refused."""
+
+    model: str = Field(min_length=1)
+    input: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """Every input as a list: texts, or token arrays."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if all(isinstance(item, int) for item in value):
+            return [[item for item in value if isinstance(item, int)]]  # validated: one token array
+        if all(isinstance(item, str) for item in value):
+            return [item for item in value if isinstance(item, str)]
+        return [item for item in value if isinstance(item, list)]  # validated: token arrays
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32 (encoding_format "base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

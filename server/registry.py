@@ -225,7 +225,7 @@ class ServedModel:
             self.plan, report, nvml_before=nvml_before, nvml_after=nvml_used_bytes(), devices=self.devices
         )
         self.plan = fill_plan_actuals(self.plan, self.memory)
-        if engine.chat_template_source() == "fallback":
+        if engine.chat_template_source() == "fallback" and not self.plan.embeddings:  # embeddings use no template
             log.warning(
                 "%s has no chat template in its GGUF; chat requests use ChatML. Set chat_template for this "
                 "model in the config file if it expects another format",

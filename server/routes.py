@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server import serving
+from server import embeddings, serving
 from server.auth import ApiKeyChecker
 from server.config import Settings
 from server.engine import EngineError, GenerationEvent
@@ -192,6 +192,8 @@ async def _generate(
     state = app_state(request)
     body = await read_json_object(request, state.settings.max_body_bytes)
     parsed = parse_request(model_cls, body)
+    endpoint = "/v1/chat/completions" if model_cls is ChatCompletionRequest else "/v1/completions"
+    embeddings.refuse_embedding_model(state.registry.find(parsed.model), endpoint)
     model = await state.registry.acquire(parsed.model)
     # Templating, tokenising and compiling a schema's grammar take a while for long inputs: off the event loop.
     whole: Callable[[serving.Prepared, AsyncIterator[GenerationEvent]], Awaitable[BaseModel]]
@@ -231,6 +233,20 @@ async def chat_completions(request: Request) -> Response:
 @api.post("/completions")
 async def completions(request: Request) -> Response:
     return await _generate(request, CompletionRequest)
+
+
+@api.post("/embeddings")
+async def create_embeddings(request: Request) -> Response:
+    """Embeddings from an embedding model (server/embeddings.py); a chat model is refused by name."""
+    state = app_state(request)
+    parsed = parse_request(embeddings.EmbeddingRequest, await read_json_object(request, state.settings.max_body_bytes))
+    embeddings.refuse_unless_embedding_model(state.registry.find(parsed.model))
+    model = await state.registry.acquire(parsed.model)
+    try:
+        result = await until_disconnect(request, embeddings.create_embeddings(parsed, model))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(result.model_dump())
 
 
 def _card(model: ServedModel) -> ModelCard:

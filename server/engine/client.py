@@ -338,6 +338,14 @@ class WorkerEngine:
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         return self.tokenizer.prepare(request)
 
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[bytes]:
+        """One pooled vector per input (float32 little-endian bytes) from an embedding model's engine; the
+        engine encodes them together with other requests' inputs (server.engine.embedding)."""
+        if self._closed:
+            raise EngineError(f"model {self.key} is unloaded")
+        vectors: list[bytes] = await asyncio.to_thread(self.worker.call, "embed", self.key, [list(t) for t in inputs])
+        return vectors
+
     def observe(self, stats: EngineStats | None) -> None:
         if stats is not None:
             self._stats = stats

@@ -126,6 +126,11 @@ class ModelFacts:
     n_seq_max: int
     n_vocab: int
     kv_unified: bool
+    # An embedding model (server.engine.embedding): it serves /v1/embeddings, never generation. Then n_ctx is
+    # the tokens of one encode and n_ctx_seq the tokens of one input; n_embd and pooling describe its vectors.
+    embeddings: bool = False
+    n_embd: int = 0
+    pooling: str = "none"
 
 
 class Engine(Protocol):

@@ -8,6 +8,9 @@ its end of a socket pair carrying pickled messages (multiprocessing's framing):
     ("submit", model_key, request_id, request)     ("step", model_key, events, step stats, engine stats)
     ("cancel", model_key, request_id)
 
+An embedding model (LoadSettings.embeddings) gets an EmbeddingRunner instead of a batch scheduler; its
+requests are calls: ("call", call_id, "embed", (model_key, inputs)) answers with one vector per input.
+
 llama.cpp runs only here, so an abort inside it (a dead RPC server, a GGML_ASSERT) ends this process and
 not the server; the HTTP process sees the socket close and fails the requests in flight.
 """
@@ -25,6 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from server.engine.batching import BatchScheduler, Emit
+from server.engine.embedding import EmbeddingRunner
 from server.engine.errors import EngineError
 from server.engine.protocol import ErrorEvent
 
@@ -36,6 +40,7 @@ class Worker:
         self._conn = conn
         self._send_lock = threading.Lock()
         self._models: dict[str, tuple[Any, BatchScheduler]] = {}
+        self._embedders: dict[str, tuple[Any, EmbeddingRunner]] = {}
         self._models_lock = threading.Lock()
         self._load_lock = threading.Lock()  # one load at a time: llama.cpp's log capture is process-wide
 
@@ -103,10 +108,12 @@ class Worker:
 
         settings = LoadSettings.model_validate_json(settings_json)
         with self._load_lock:
-            if self._scheduler(key) is not None:
+            if self._scheduler(key) is not None or key in self._embedders:
                 raise EngineError(f"model {key} is already loaded in this engine process")
             devices = device_list(rpc)
             opened = open_model(path, settings, devices=devices, echo_log=True)
+        if settings.embeddings:
+            return self._start_embedder(key, opened)
 
         def emit(events: list[Any], step: Any, stats: Any) -> None:
             with contextlib.suppress(OSError):
@@ -123,7 +130,32 @@ class Worker:
         scheduler.start()
         return {"facts": scheduler.facts, "report": opened.report.model_dump(mode="json")}
 
+    def _start_embedder(self, key: str, opened: Any) -> dict[str, Any]:
+        try:
+            runner = EmbeddingRunner(opened, name=key)
+        except Exception:
+            opened.close()
+            raise
+        runner.start()
+        with self._models_lock:
+            self._embedders[key] = (opened, runner)
+        return {"facts": runner.facts, "report": opened.report.model_dump(mode="json")}
+
+    def do_embed(self, key: str, inputs: list[list[int]]) -> list[bytes]:
+        """One pooled vector per input (float32 little-endian bytes), encoded with other requests' inputs."""
+        with self._models_lock:
+            entry = self._embedders.get(key)
+        if entry is None:
+            raise EngineError(f"model {key} is not loaded as an embedding model")
+        return entry[1].embed(inputs)
+
     def do_unload(self, key: str) -> None:
+        with self._models_lock:
+            embedder = self._embedders.pop(key, None)
+        if embedder is not None:
+            embedder[1].stop()
+            embedder[0].close()
+            return
         with self._models_lock:
             entry = self._models.pop(key, None)
         if entry is None:
@@ -140,7 +172,7 @@ class Worker:
 
     def shutdown(self) -> None:
         with self._models_lock:
-            keys = list(self._models)
+            keys = [*self._models, *self._embedders]
         for key in keys:
             try:
                 self.do_unload(key)

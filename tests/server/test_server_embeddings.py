@@ -1,0 +1,225 @@
+"""/v1/embeddings with a real embedding model: all-MiniLM-L6-v2 (BERT, mean pooling) converted from PyPI.
+
+A real server on loopback serves the embedding model beside SmolLM2 (a chat model, never loaded here: the
+refusals come before any load). Every vector is compared with llama.cpp's own for the same input:
+llama-cpp-python's ``Llama(embedding=True).embed(..., normalize=True)``, run in a child process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from server.app import create_app
+from tests.kit.minilm import minilm_path
+from tests.server.support import LiveServer, make_settings
+
+pytestmark = pytest.mark.llama
+
+EMBEDDER = "minilm"
+CHAT = "smollm2"
+TEXTS = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "Split a 70B model across an RTX 4090 and an RTX 4080.",
+]
+# float32 vectors of unit length from two runs of the same kernels: batch composition may reorder sums.
+ATOL = 2e-6
+
+_REFERENCE = textwrap.dedent(
+    """
+    import json, sys
+    import llama_cpp
+    path, texts, flash_attn = json.load(sys.stdin)
+    llm = llama_cpp.Llama(
+        path, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512, flash_attn=flash_attn, n_threads=1, verbose=False
+    )
+    vectors = llm.embed(texts, normalize=True)
+    tokens = [llm.tokenize(t.encode("utf-8")) for t in texts]
+    json.dump({"vectors": vectors, "tokens": tokens, "n_embd": llm.n_embd()}, sys.stdout)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="module")
+def reference(minilm: Path, embed_server: LiveServer) -> dict[str, Any]:
+    """llama.cpp's own embeddings of TEXTS (and their tokens), from llama-cpp-python in a child process, with
+    the server's flash-attention setting (with it, K and V are cast to F16: the vectors differ by ~1e-4)."""
+    plan = httpx.get(f"{embed_server.url}/v1/plan", timeout=30).json()["data"][0]
+    assert plan["model"] == EMBEDDER and plan["load_settings"]["embeddings"]
+    flash_attn = plan["load_settings"]["flash_attn"] == "on"
+    done = subprocess.run(
+        [sys.executable, "-c", _REFERENCE],
+        input=json.dumps([str(minilm), TEXTS, flash_attn]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+@pytest.fixture(scope="module")
+def embed_server(minilm: Path, smollm2: Path) -> Iterator[LiveServer]:
+    settings = make_settings(
+        models=[{"path": str(minilm), "alias": EMBEDDER}, {"path": str(smollm2), "alias": CHAT}],
+        parallel=4,
+        threads=1,
+        preload=[EMBEDDER],
+    )
+    server = LiveServer(create_app(settings)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(embed_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{embed_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def http(embed_server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=embed_server.url, timeout=120) as c:
+        yield c
+
+
+def assert_same_vectors(got: Any, expected: Any) -> None:
+    got_array, expected_array = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert got_array.shape == expected_array.shape
+    np.testing.assert_allclose(got_array, expected_array, rtol=0, atol=ATOL)
+    assert np.allclose(np.linalg.norm(got_array, axis=-1), 1.0, atol=1e-6)
+
+
+def test_a_batch_of_texts_equals_llama_cpp(client: openai.OpenAI, reference: dict[str, Any]) -> None:
+    result = client.embeddings.create(model=EMBEDDER, input=TEXTS, encoding_format="float")
+    assert [item.index for item in result.data] == list(range(len(TEXTS)))
+    assert_same_vectors([item.embedding for item in result.data], reference["vectors"])
+    assert len(result.data[0].embedding) == reference["n_embd"] == 384
+    n_tokens = sum(len(t) for t in reference["tokens"])  # [CLS] ... [SEP] each
+    assert (result.usage.prompt_tokens, result.usage.total_tokens) == (n_tokens, n_tokens)
+    assert result.model == EMBEDDER and result.object == "list"
+
+
+def test_one_string_gives_one_vector(client: openai.OpenAI, reference: dict[str, Any]) -> None:
+    result = client.embeddings.create(model=EMBEDDER, input=TEXTS[2], encoding_format="float")
+    assert len(result.data) == 1
+    assert_same_vectors(result.data[0].embedding, reference["vectors"][2])
+    assert result.usage.prompt_tokens == len(reference["tokens"][2])
+
+
+def test_base64_is_little_endian_float32_of_the_same_vectors(
+    client: openai.OpenAI, http: httpx.Client, reference: dict[str, Any]
+) -> None:
+    raw = http.post("/v1/embeddings", json={"model": EMBEDDER, "input": TEXTS, "encoding_format": "base64"})
+    assert raw.status_code == 200, raw.text
+    floats = http.post("/v1/embeddings", json={"model": EMBEDDER, "input": TEXTS}).json()  # "float" by default
+    for item, as_float in zip(raw.json()["data"], floats["data"], strict=True):
+        decoded = np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
+        assert decoded.tolist() == as_float["embedding"]  # the same float32 values, bit for bit
+    # The openai SDK asks for base64 by default and decodes it itself.
+    result = client.embeddings.create(model=EMBEDDER, input=TEXTS)
+    assert_same_vectors([item.embedding for item in result.data], reference["vectors"])
+
+
+def test_token_arrays_embed_like_their_text(client: openai.OpenAI, reference: dict[str, Any]) -> None:
+    tokens = reference["tokens"]
+    many = client.embeddings.create(model=EMBEDDER, input=tokens, encoding_format="float")
+    assert_same_vectors([item.embedding for item in many.data], reference["vectors"])
+    one = client.embeddings.create(model=EMBEDDER, input=tokens[1], encoding_format="float")
+    assert_same_vectors(one.data[0].embedding, reference["vectors"][1])
+    assert one.usage.prompt_tokens == len(tokens[1])
+
+
+def test_concurrent_requests_are_encoded_together_correctly(client: openai.OpenAI, reference: dict[str, Any]) -> None:
+    def embed(index: int) -> list[list[float]]:
+        # Each request a different slice, so that a vector handed to the wrong request would show.
+        texts = TEXTS[index:] + TEXTS[:index]
+        result = client.embeddings.create(model=EMBEDDER, input=texts, encoding_format="float")
+        return [item.embedding for item in result.data]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(embed, range(4)))
+    for index, vectors in enumerate(answers):
+        expected = reference["vectors"][index:] + reference["vectors"][:index]
+        assert_same_vectors(vectors, expected)
+
+
+def test_dimensions_is_refused_unless_it_is_the_models_width(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=EMBEDDER, input="hello", dimensions=128)
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "dimensions"
+    assert "dimensions=128" in error["message"] and "384" in error["message"]
+    same = client.embeddings.create(model=EMBEDDER, input="hello", dimensions=384, encoding_format="float")
+    assert len(same.data[0].embedding) == 384
+
+
+def test_an_input_longer_than_the_context_is_a_400(http: httpx.Client) -> None:
+    long_text = " ".join(["word"] * 600)  # 600 word pieces plus [CLS] and [SEP], past 512 positions
+    reply = http.post("/v1/embeddings", json={"model": EMBEDDER, "input": ["short", long_text]})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "input"
+    assert error["message"].startswith("input[1] is 602 tokens") and "512" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"input": ""}, "input", "non-empty string"),
+        ({"input": []}, "input", "non-empty string"),
+        ({"input": [[101, 99999, 102]]}, "input", "token id 99999"),
+        ({"input": "hi", "encoding_format": "float16"}, "encoding_format", "float"),
+        ({"input": "hi", "truncate": True}, "truncate", "unrecognized request argument"),
+    ],
+    ids=["empty-string", "empty-list", "unknown-token-id", "bad-encoding", "unknown-field"],
+)
+def test_malformed_requests_are_400s_naming_the_parameter(
+    http: httpx.Client, body: dict[str, Any], param: str, words: str
+) -> None:
+    reply = http.post("/v1/embeddings", json={"model": EMBEDDER, **body})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert words in error["message"]
+
+
+def test_a_chat_model_asked_for_embeddings_says_why(http: httpx.Client, embed_server: LiveServer) -> None:
+    reply = http.post("/v1/embeddings", json={"model": CHAT, "input": "hello"})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert (error["code"], error["param"]) == ("model_not_embedding", "model")
+    assert "text-generation model (llama)" in error["message"]
+    registry = embed_server.app.state.llamasplit.registry
+    assert registry.find(CHAT).state == "unloaded"  # refused before anything was loaded
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_an_embedding_model_asked_to_generate_says_why(http: httpx.Client, path: str) -> None:
+    body: dict[str, Any] = {"model": EMBEDDER, "max_tokens": 4}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"})
+    reply = http.post(path, json=body)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert (error["code"], error["param"]) == ("model_is_embedding", "model")
+    assert "embedding model (bert)" in error["message"] and "/v1/embeddings" in error["message"]
