@@ -31,8 +31,9 @@ OUT = REPO / "tests" / "data" / "tensor_measurements.json"
 WARMUP_TOKENS = 512  # one full n_ubatch: the largest all-reduce a prompt makes
 
 
-def case(model: str, n_rpc: int, tensor_split: list[float] | None, n_gpu_layers: int = 99,
-         **settings: object) -> dict[str, object]:
+def case(
+    model: str, n_rpc: int, tensor_split: list[float] | None, n_gpu_layers: int = 99, **settings: object
+) -> dict[str, object]:
     """One load: the model key, the devices and proportions, and the context settings (LoadSettings names)."""
     settings.setdefault("n_ctx", 2048)
     settings.setdefault("flash_attn", "on")
@@ -40,8 +41,14 @@ def case(model: str, n_rpc: int, tensor_split: list[float] | None, n_gpu_layers:
     short = {"n_ctx": "ctx", "n_seq_max": "seq", "n_ubatch": "ub", "type_k": "k-", "type_v": "v-"}
     parts += [f"{label}{settings[key]}" for key, label in short.items() if key in settings]
     parts += ["swa-small"] if settings.get("swa_full") is False else []
-    return {"id": "-".join(parts), "model": model, "n_rpc": n_rpc, "n_gpu_layers": n_gpu_layers,
-            "tensor_split": tensor_split, "settings": settings}
+    return {
+        "id": "-".join(parts),
+        "model": model,
+        "n_rpc": n_rpc,
+        "n_gpu_layers": n_gpu_layers,
+        "tensor_split": tensor_split,
+        "settings": settings,
+    }
 
 
 CASES = [
@@ -58,7 +65,7 @@ CASES = [
     # Gemma-3-270M (gemma3, sliding window, 1 KV head, tied output, 262k vocabulary)
     case("gemma3-270m", 2, [0.7, 0.3]),
     case("gemma3-270m", 3, [0.4, 0.35, 0.25], n_ctx=4096, swa_full=False),
-    # generated models: dense GQA, tied output, sliding window, mixture of experts
+    # generated models: dense GQA, tied output, sliding window, mixture of experts, variable layers
     case("tiny-llama-q4_0", 2, [0.65, 0.35], n_ctx=4096),
     case("tiny-llama-q4_0", 3, [0.5, 0.3, 0.2], type_k="q8_0", type_v="q8_0", n_gpu_layers=3),
     case("tiny-qwen2-q8_0", 2, [0.6, 0.4], type_k="q8_0", type_v="q8_0"),
@@ -68,9 +75,17 @@ CASES = [
     case("tiny-moe-q8_0", 2, [0.6, 0.4]),
     case("tiny-moe-q8_0", 3, [0.5, 0.3, 0.2], type_k="q8_0", type_v="q8_0", n_ctx=4096),
     case("tiny-moe-q8_0", 2, [0.3, 0.7], n_gpu_layers=3, n_seq_max=2),
+    # variable layers: OpenELM with per-layer head counts (4/4/6/8, KV 1/2/2/4) and FFN widths (512-1280)
+    case("tiny-openelm-q4_0", 2, [0.65, 0.35]),
+    case("tiny-openelm-q4_0", 3, [0.45, 0.35, 0.2], n_ctx=4096),
+    case("tiny-openelm-q4_0", 3, [0.2, 0.45, 0.35], n_gpu_layers=3, n_seq_max=2),
     # Expected to abort in llama.cpp: rows of exactly one Q5_K block (256) cut along the row with a device
     # getting nothing (GGML_ASSERT "tensor write out of bounds"); the tuner refuses this placement.
     case("tiny-moe-q5_k_m", 2, [0.6, 0.4]),
+    # Expected to abort: a quantised cache makes llama.cpp rotate K/V (Hadamard) before caching them, and with
+    # OpenELM's fused QKV the Meta backend has no split rule for that matmul ("unsupported mul_mat split
+    # states"); the tuner refuses a quantised cache with tensor split on fused-QKV models.
+    case("tiny-openelm-q4_0", 3, [0.5, 0.3, 0.2], type_k="q8_0", type_v="q8_0"),
 ]
 
 
@@ -95,13 +110,18 @@ def measure(cases: list[dict[str, object]]) -> list[dict[str, object]]:
             marks = [server.log_size() for server in used]
             split = spec["tensor_split"]
             settings = LoadSettings(
-                split_mode="tensor", n_gpu_layers=spec["n_gpu_layers"],  # type: ignore[arg-type]
+                split_mode="tensor",
+                n_gpu_layers=spec["n_gpu_layers"],  # type: ignore[arg-type]
                 tensor_split=tuple(split) if split else None,  # type: ignore[arg-type]
                 **spec["settings"],  # type: ignore[arg-type]
             )
             try:
-                report = load_and_report(model_file(str(spec["model"]), Path(tmp)), settings,
-                                         rpc_endpoints=[s.endpoint for s in used], warmup_tokens=WARMUP_TOKENS)
+                report = load_and_report(
+                    model_file(str(spec["model"]), Path(tmp)),
+                    settings,
+                    rpc_endpoints=[s.endpoint for s in used],
+                    warmup_tokens=WARMUP_TOKENS,
+                )
             except LoadError as exc:  # recorded: what llama.cpp cannot do is a constraint to enforce
                 last = [line for line in exc.log_tail if line.strip()][-1:]
                 results.append({**spec, "error": str(exc).splitlines()[0], "last_line": "".join(last)})
@@ -110,8 +130,13 @@ def measure(cases: list[dict[str, object]]) -> list[dict[str, object]]:
             devices = []
             for server, mark in zip(used, marks, strict=True):
                 allocation = classify(server.allocations(since=mark))
-                devices.append({"weights_bytes": allocation.weights_bytes, "kv_bytes": allocation.kv_bytes,
-                                "compute_bytes": allocation.compute_bytes})
+                devices.append(
+                    {
+                        "weights_bytes": allocation.weights_bytes,
+                        "kv_bytes": allocation.kv_bytes,
+                        "compute_bytes": allocation.compute_bytes,
+                    }
+                )
             host = {name: b.total_bytes for name, b in report.buffers.items() if b.host}
             results.append({**spec, "warmup_tokens": WARMUP_TOKENS, "measured": devices, "host": host})
             print(spec["id"], devices, file=sys.stderr)

@@ -18,6 +18,7 @@ SYNTH_MODELS = {
     "tiny-gemma3-q4_k_m": (synth.TINY_GEMMA3, "Q4_K_M", False),
     "tiny-moe-q5_k_m": (synth.TINY_MOE, "Q5_K_M", False),
     "tiny-moe-q8_0": (synth.TINY_MOE, "Q8_0", False),
+    "tiny-openelm-q4_0": (synth.TINY_OPENELM, "Q4_0", False),
     "llama-8b-q4_0": (synth.LLAMA_8B, "Q4_0", True),
     "llama-70b-q4_k_m": (synth.LLAMA_70B, "Q4_K_M", True),
 }

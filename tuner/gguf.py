@@ -299,7 +299,8 @@ def _model_from_header(paths: Sequence[str], metadata: dict[str, object], tensor
     n_head = _per_layer(key("attention.head_count"), n_layer, f"{arch}.attention.head_count", where)
     n_head_kv = _per_layer(key("attention.head_count_kv", list(n_head)), n_layer, "head_count_kv", where)
     n_ff = _per_layer(key("feed_forward_length", 0), n_layer, f"{arch}.feed_forward_length", where)
-    head_default = n_embd // max(n_head) if max(n_head) else 0
+    # llama_model::load_hparams: n_embd / n_head() of layer 0, not the widest layer (OpenELM's vary)
+    head_default = n_embd // n_head[0] if n_head[0] else 0
     n_embd_head_k = int_key("attention.key_length", head_default)
     n_embd_head_v = int_key("attention.value_length", head_default)
 

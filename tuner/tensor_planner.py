@@ -69,6 +69,40 @@ def check_tensor_request(planner: LayerPlanner) -> None:
         )
     if not planner.devices:
         raise PlanRequestError("split mode tensor needs at least one GPU or RPC device; none was found")
+    rotated = rotated_cache_parts(planner)
+    if rotated and any(t.name.endswith(".attn_qkv.weight") for t in model.tensors):
+        # Measured (bench/measure_tensor.py, OpenELM): the Hadamard rotation llama.cpp applies to K/V before a
+        # quantised cache multiplies a mirrored matrix by a view of the fused QKV output, which the Meta backend
+        # has no rule for: it aborts on the first graph.
+        raise PlanRequestError(
+            f"split mode tensor with a quantised {' and '.join(rotated)} cache aborts llama.cpp on this model "
+            '(fused QKV: "unsupported mul_mat split states" in ggml-backend-meta.cpp); use an f16 cache, '
+            "--split-mode layer, or LLAMA_ATTN_ROT_DISABLE=1"
+        )
+
+
+def rotated_cache_parts(planner: LayerPlanner) -> list[str]:
+    """Which of K and V llama.cpp rotates before caching (llama_kv_cache: attn_rot_k/attn_rot_v): a quantised
+    cache type and a head size that is a multiple of 64, unless LLAMA_ATTN_ROT_DISABLE is set."""
+    import os
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def quantised(type_name: str) -> bool:
+        return GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]][0] > 1
+
+    try:
+        if int(os.environ.get("LLAMA_ATTN_ROT_DISABLE", "0")):
+            return []
+    except ValueError:
+        pass  # llama.cpp's atoi reads a non-number as 0: rotation stays on
+    settings, model = planner.settings, planner.model
+    parts = []
+    if quantised(settings.type_k) and model.n_embd_head_k and model.n_embd_head_k % 64 == 0:
+        parts.append("K")
+    if quantised(settings.type_v) and model.n_embd_head_v and model.n_embd_head_v % 64 == 0:
+        parts.append("V")
+    return parts
 
 
 class TensorPlanner:

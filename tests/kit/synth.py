@@ -1,8 +1,10 @@
-"""Synthetic GGUF models of any llama-family shape (llama, qwen2, gemma3, qwen3moe), written with gguf-py.
+"""Synthetic GGUF models of any llama-family shape (llama, qwen2, gemma3, qwen3moe, openelm), written with gguf-py.
 
 Tiny presets load and generate in llama.cpp (random weights, a byte-level BPE vocabulary, a ChatML template);
 big presets are written ``sparse`` (header only, the data region left as a hole) so a 40 GB 70B costs a few MB.
 Per-tensor types follow llama.cpp's ``llama_tensor_get_type`` (src/llama-quant.cpp); see ``tensor_type``.
+openelm models have layers of different shapes: head counts and FFN widths are written as per-layer arrays,
+which llama.cpp reads with ``get_key_or_arr`` and OpenELM's graph uses layer by layer (src/models/openelm.cpp).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from gguf.quants import quantize
 
 T = GGMLQuantizationType
 
-ARCHITECTURES = ("llama", "qwen2", "gemma3", "qwen3moe")
+ARCHITECTURES = ("llama", "qwen2", "gemma3", "qwen3moe", "openelm")
 
 # weight_type -> (the type most tensors get, general.file_type); the mix around it is in tensor_type()
 WEIGHT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
@@ -84,6 +86,10 @@ class ModelShape:
     rope_freq_base: float = 10000.0
     rms_eps: float = 1e-5
     name: str = "synthetic"
+    # openelm only: per-layer head counts and FFN widths, written as GGUF arrays (None: the scalar everywhere)
+    layer_n_head: tuple[int, ...] | None = None
+    layer_n_head_kv: tuple[int, ...] | None = None
+    layer_n_ff: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -113,7 +119,31 @@ class ModelShape:
             problems.append(f"experts are only generated for qwen3moe, not {self.arch}")
         if self.arch != "gemma3" and (self.sliding_window or self.swa_pattern is not None):
             problems.append(f"sliding_window/swa_pattern are only generated for gemma3, not {self.arch}")
+        per_layer = {"layer_n_head": self.layer_n_head, "layer_n_head_kv": self.layer_n_head_kv,
+                     "layer_n_ff": self.layer_n_ff}  # fmt: skip
+        for field, values in per_layer.items():
+            if values is None:
+                continue
+            if self.arch != "openelm":
+                problems.append(f"{field} is only generated for openelm, not {self.arch}")
+            elif len(values) != self.n_layer or min(values) <= 0:
+                problems.append(f"{field} needs {self.n_layer} positive values, got {values}")
+        if self.arch == "openelm":
+            if self.head_dim is None:
+                problems.append("openelm needs head_dim (its head counts vary by layer)")
+            for il in range(self.n_layer if not problems else 0):
+                if self.heads(il) % self.kv_heads(il):
+                    problems.append(f"layer {il}: {self.heads(il)} heads are not a multiple of {self.kv_heads(il)}")
         return problems
+
+    def heads(self, il: int) -> int:
+        return self.layer_n_head[il] if self.layer_n_head is not None else self.n_head
+
+    def kv_heads(self, il: int) -> int:
+        return self.layer_n_head_kv[il] if self.layer_n_head_kv is not None else self.n_head_kv
+
+    def ff(self, il: int) -> int:
+        return self.layer_n_ff[il] if self.layer_n_ff is not None else self.n_ff
 
     @property
     def n_embd_head(self) -> int:
@@ -150,6 +180,13 @@ TINY_MOE = ModelShape(
     n_ctx_train=4096, n_expert=4, n_expert_used=2, n_ff_exp=256, rope_freq_base=1_000_000.0, rms_eps=1e-6,
     name="tiny-qwen3moe",
 )  # fmt: skip
+# OpenELM: every layer differs (heads 4-8, KV heads 1-4 with GQA ratios 4/2/3/2, FFN 512-1280), tied output,
+# fused QKV with Q/K norms; the scalar n_head/n_head_kv/n_ff are unused beside the arrays.
+TINY_OPENELM = ModelShape(
+    arch="openelm", n_layer=4, n_embd=256, n_head=4, n_head_kv=1, head_dim=64, n_ff=512, n_vocab=1024,
+    n_ctx_train=2048, tied_embeddings=True, layer_n_head=(4, 4, 6, 8), layer_n_head_kv=(1, 2, 2, 4),
+    layer_n_ff=(512, 768, 1024, 1280), name="tiny-openelm",
+)  # fmt: skip
 # Llama 3.1 shapes: write these with sparse=True.
 LLAMA_8B = ModelShape(
     arch="llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256,
@@ -170,7 +207,7 @@ GEMMA3_270M = ModelShape(
     name="gemma3-270m",
 )  # fmt: skip
 
-TINY_PRESETS = (TINY_LLAMA, TINY_QWEN2, TINY_GEMMA3, TINY_MOE)
+TINY_PRESETS = (TINY_LLAMA, TINY_QWEN2, TINY_GEMMA3, TINY_MOE, TINY_OPENELM)
 
 
 @dataclass(frozen=True)
@@ -256,10 +293,20 @@ def tensor_type(name: str, ne: Sequence[int], shape: ModelShape, weight_type: st
 
 def _layer_tensors(shape: ModelShape, il: int) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Tensors of block ``il`` in the shapes each architecture's load_arch_tensors creates (src/models/*.cpp)."""
-    e, q = shape.n_embd, shape.n_embd_head * shape.n_head
-    kv = shape.n_embd_head * shape.n_head_kv
+    e, q = shape.n_embd, shape.n_embd_head * shape.heads(il)
+    kv = shape.n_embd_head * shape.kv_heads(il)
     p = f"blk.{il}."
     yield p + "attn_norm.weight", (e,)
+    if shape.arch == "openelm":  # llama_model_openelm::load_arch_tensors: fused QKV, Q/K norms, SwiGLU
+        yield p + "attn_qkv.weight", (e, q + 2 * kv)
+        yield p + "attn_q_norm.weight", (shape.n_embd_head,)
+        yield p + "attn_k_norm.weight", (shape.n_embd_head,)
+        yield p + "attn_output.weight", (q, e)
+        yield p + "ffn_norm.weight", (e,)
+        yield p + "ffn_gate.weight", (e, shape.ff(il))
+        yield p + "ffn_down.weight", (shape.ff(il), e)
+        yield p + "ffn_up.weight", (e, shape.ff(il))
+        return
     yield p + "attn_q.weight", (e, q)
     yield p + "attn_k.weight", (e, kv)
     yield p + "attn_v.weight", (e, kv)
@@ -338,9 +385,15 @@ def _add_metadata(writer: GGUFWriter, shape: ModelShape, weight_type: str) -> No
     writer.add_context_length(shape.n_ctx_train)
     writer.add_embedding_length(shape.n_embd)
     writer.add_block_count(shape.n_layer)
-    writer.add_feed_forward_length(shape.n_ff)
-    writer.add_head_count(shape.n_head)
-    writer.add_head_count_kv(shape.n_head_kv)
+    if shape.arch == "openelm":  # per-layer arrays, as convert_hf_to_gguf.py writes OpenELM's
+        writer.add_feed_forward_length([shape.ff(il) for il in range(shape.n_layer)])
+        writer.add_head_count([shape.heads(il) for il in range(shape.n_layer)])
+        writer.add_head_count_kv([shape.kv_heads(il) for il in range(shape.n_layer)])
+        writer.add_rope_dimension_count(shape.n_embd_head)
+    else:
+        writer.add_feed_forward_length(shape.n_ff)
+        writer.add_head_count(shape.n_head)
+        writer.add_head_count_kv(shape.n_head_kv)
     writer.add_layer_norm_rms_eps(shape.rms_eps)
     writer.add_rope_freq_base(shape.rope_freq_base)
     if shape.head_dim is not None or shape.arch in ("gemma3", "qwen3moe"):

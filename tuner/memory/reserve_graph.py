@@ -316,8 +316,12 @@ class _Decoder:
             g.expand(_set_rows(v_dst, _view(v, (n_embd_v, T), (v.nb[2], v.nb[2] * T)), v_idxs))
         else:
             v_cur = _reshape(v, n_embd_v, T) if v.contiguous else _dup("CONT", v)
+            v_width = n_embd_v
+            if n_embd_v < v_cache.ne[0]:  # [TAG_V_CACHE_VARIABLE]: rows padded to the widest layer's V
+                v_width = v_cache.ne[0]
+                v_cur = _new("PAD", v_cur.type, (v_width, T), v_cur)
             v_nel = v_cache.ne[0] * v_cache.ne[1] * v_cache.ne[2]
-            g.expand(_set_rows(_reshape(v_cache, 1, v_nel), _reshape(v_cur, 1, n_embd_v * T), v_idxs))
+            g.expand(_set_rows(_reshape(v_cache, 1, v_nel), _reshape(v_cur, 1, v_width * T), v_idxs))
         k_view = _view(k_cache, (s.head_k, s.n_head_kv[il], n_kv, ns),
                        (_row_bytes(r.type_k, s.head_k), _row_bytes(r.type_k, n_embd_k),
                         _row_bytes(r.type_k, n_embd_k * n_kv)))
