@@ -12,7 +12,8 @@ let lastPlans = null;
 
 function setConnection(text, ok) {
   const status = document.getElementById("connection");
-  status.textContent = text;
+  // A live region: rewriting it with the same words makes some screen readers say them again, every poll.
+  if (status.textContent !== text) status.textContent = text;
   status.dataset.ok = ok ? "yes" : "no";
   document.getElementById("forget-key").hidden = !hasKey();
 }

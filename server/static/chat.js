@@ -27,7 +27,7 @@ export function initChat() {
   document.getElementById("new-chat").addEventListener("click", () => {
     controller?.abort();
     conversation.length = 0;
-    document.getElementById("messages").replaceChildren();
+    document.getElementById("message-list").replaceChildren();
     setStatus("New conversation.");
     input.focus();
   });
@@ -58,9 +58,9 @@ function addMessage(role, text) {
   const body = el("div", null, "body");
   if (role === "user") body.append(el("p", text, "plain")); // the user's text is shown as typed
   item.append(body);
-  const list = document.getElementById("messages");
-  list.append(item);
-  list.scrollTop = list.scrollHeight;
+  document.getElementById("message-list").append(item);
+  const scroller = document.getElementById("messages");
+  scroller.scrollTop = scroller.scrollHeight;
   return item;
 }
 
@@ -137,8 +137,13 @@ async function send() {
 }
 
 function setBusy(busy) {
-  document.getElementById("send").disabled = busy;
-  document.getElementById("stop").disabled = !busy;
+  const send = document.getElementById("send");
+  const stop = document.getElementById("stop");
+  stop.disabled = !busy;
+  // A keyboard user who pressed Send would lose focus to the top of the page when Send is disabled under it:
+  // focus moves on to Stop, the one control that matters while the answer streams.
+  if (busy && document.activeElement === send) stop.focus();
+  send.disabled = busy;
   if (!busy) document.getElementById("chat-input").focus();
 }
 
@@ -157,8 +162,8 @@ function drawNow(answer, content) {
   pending.delete(answer);
   const body = answer.querySelector(".body");
   body.replaceChildren(renderMarkdown(content));
-  const list = document.getElementById("messages");
-  list.scrollTop = list.scrollHeight;
+  const scroller = document.getElementById("messages");
+  scroller.scrollTop = scroller.scrollHeight;
 }
 
 // The JSON payloads of a text/event-stream response, up to "[DONE]".

@@ -109,32 +109,41 @@ function bar(label, device, pick, scale) {
   const row = el("div", null, "bar-row");
   const track = el("div", null, "bar");
   track.dataset.bar = label;
+  // What a screen reader says for the bar: every figure drawn in it, model by model and part by part, in the
+  // words and units of the table ("smol 85.3 MiB (not loaded): weights 60.0 MiB, KV 24.0 MiB; free 7.83 GiB").
   const spoken = [];
   let used = 0;
   for (const item of device.rows) {
     const values = pick(item);
     if (!values) continue;
+    const loaded = item.entry.status === "ready";
     // An allocation known only as a total (the host's RAM) is drawn as one segment.
     const parts = values.weights_bytes === undefined ? [["total", "total", values.total_bytes]]
       : PARTS.map(([key, word]) => [key, word, values[`${key}_bytes`] ?? 0]);
+    const drawn = [];
     for (const [key, word, bytes] of parts) {
       if (!bytes) continue;
       used += bytes;
-      const segment = el("span", null, `segment part-${key} model-${item.index % 4}${item.entry.status === "ready" ? "" : " idle"}`);
+      const segment = el("span", null, `segment part-${key} model-${item.index % 4}${loaded ? "" : " idle"}`);
       segment.style.width = `${(100 * bytes) / scale}%`;
       segment.title = `${item.entry.model}: ${word} ${formatBytes(bytes)}`;
       track.append(segment);
+      if (key !== "total") drawn.push(`${word} ${formatBytes(bytes)}`);
     }
-    spoken.push(`${item.entry.model} ${formatBytes(sum(parts.map((p) => p[2])))}`);
+    const state = loaded ? "" : " (not loaded)"; // faded on screen
+    const detail = drawn.length ? `: ${drawn.join(", ")}` : "";
+    spoken.push(`${item.entry.model} ${formatBytes(sum(parts.map((p) => p[2])))}${state}${detail}`);
   }
   if (device.capacity && scale === device.capacity) {
     const free = el("span", null, "segment part-free");
     free.style.width = `${Math.max(0, (100 * (device.capacity - used)) / scale)}%`;
     free.title = `free ${formatBytes(device.capacity - used)}`;
     track.append(free);
+    spoken.push(`free ${formatBytes(device.capacity - used)}`);
   }
+  if (used) spoken.push(`total ${formatBytes(used)}`);
   track.setAttribute("role", "img");
-  track.setAttribute("aria-label", `${label}: ${spoken.length ? spoken.join(", ") : "nothing yet"}`);
+  track.setAttribute("aria-label", `${label}: ${(used ? spoken : ["nothing yet", ...spoken]).join("; ")}`);
   row.append(el("span", label, "bar-label"), track, el("span", used ? formatBytes(used) : "–", "bar-total"));
   return row;
 }

@@ -15,6 +15,7 @@ const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|__(?=\S)([\
 export function renderMarkdown(text) {
   const fragment = document.createDocumentFragment();
   const lines = String(text).replace(/\r\n?/g, "\n").split("\n");
+  const headingLevels = pageHeadingLevels(lines);
   let i = 0;
   while (i < lines.length) {
     const line = lines[i];
@@ -37,8 +38,7 @@ export function renderMarkdown(text) {
     }
     const heading = HEADING.exec(line);
     if (heading) {
-      const level = Math.min(heading[1].length + 2, 6); // the page has its own h1/h2: answers start at h3
-      fragment.append(withInline(document.createElement(`h${level}`), heading[2]));
+      fragment.append(withInline(document.createElement(`h${headingLevels.get(heading[1].length)}`), heading[2]));
       i += 1;
       continue;
     }
@@ -75,6 +75,24 @@ export function renderMarkdown(text) {
   return fragment;
 }
 
+// The page has its own h1 and h2 ("Chat"): an answer's headings go under them, its levels in use mapped in
+// order to h3, h4, ... so that an answer opening with "## Title", or going from "#" to "###", skips no level
+// of the page's outline (screen readers navigate by it). Headings inside code fences do not count.
+function pageHeadingLevels(lines) {
+  const used = new Set();
+  let fence = null;
+  for (const line of lines) {
+    if (fence) {
+      if (line.trim() === fence) fence = null;
+      continue;
+    }
+    const opening = FENCE.exec(line);
+    if (opening) fence = opening[1];
+    else if (HEADING.test(line)) used.add(HEADING.exec(line)[1].length);
+  }
+  return new Map([...used].sort((a, b) => a - b).map((level, rank) => [level, Math.min(3 + rank, 6)]));
+}
+
 function startsBlock(line) {
   return FENCE.test(line) || HEADING.test(line) || BULLET.test(line) || NUMBERED.test(line);
 }
@@ -86,6 +104,9 @@ function codeBlock(source, language) {
   code.textContent = source;
   pre.append(code);
   pre.tabIndex = 0; // long lines scroll sideways: keyboard users can reach and scroll the block
+  // A focusable block needs a name for a screen reader to say when focus lands on it.
+  pre.setAttribute("role", "group");
+  pre.setAttribute("aria-label", language ? `code, ${language}` : "code");
   return pre;
 }
 

@@ -2,13 +2,17 @@
 on loopback with an API key and two models planned over two local RPC devices.
 
 The page asks for the key, draws each device's bars with the plan's bytes, streams a chat, and its Stop button
-frees the sequence on the server. Screenshots (desktop and phone widths) go to tests/artifacts/web/. Without
-chromium and chromedriver (`make test` installs them where apt-get can) the browser tests skip and say why.
+frees the sequence on the server. Its accessibility is measured (browser_a11y.py): WCAG contrast of every text,
+control edge and focus ring in the light and the dark colour scheme, what a screen reader is given (chromium's
+accessibility tree), keyboard use, and axe-core's rules where `make test` could fetch it. Screenshots (desktop
+and phone widths, both schemes, focus states) go to tests/artifacts/web/. Without chromium and chromedriver
+(`make test` installs them where apt-get can) the browser tests skip and say why.
 The server runs in its own process, as in test_server_rpc.py: llama.cpp's RPC client state is process-wide.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -21,6 +25,23 @@ import httpx
 import pytest
 
 from tests.kit.rpcbed import rpc_servers
+from tests.server.browser_a11y import (
+    AXE_PATH,
+    NON_TEXT_MIN_RATIO,
+    AXTree,
+    FocusRing,
+    Rgba,
+    TextContrast,
+    active_element,
+    contrast_ratio,
+    control_contrasts,
+    flatten,
+    focus_ring,
+    run_axe,
+    set_colour_scheme,
+    tabbable,
+    text_contrasts,
+)
 from tests.server.support import metric_value, serve_cli, wait_for
 
 pytestmark = pytest.mark.llama
@@ -33,7 +54,9 @@ DESKTOP = "--window-size=1280,1000"
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
@@ -58,9 +81,10 @@ def web_server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with rpc_servers(2) as endpoints:
         args = [*models, "--rpc", ",".join(endpoints), "--ctx", "2048", "--parallel", "2", "--n-gpu-layers", "31",
                 "--tensor-split", "0.6,0.4", "--api-key", KEY]  # fmt: skip
-        with serve_cli(args, log) as url, httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
-        ) as http:
+        with (
+            serve_cli(args, log) as url,
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http,
+        ):
             yield WebServer(url, http)
 
 
@@ -286,11 +310,11 @@ import('/ui/markdown.js').then((m) => {
 def test_markdown_shows_html_in_model_output_as_text(browser: Any, web_server: WebServer) -> None:
     open_page(browser, web_server)
     hostile = (
-        "Here: <script>window.pwned = true</script> and <img src=x onerror=\"window.pwned = true\">\n\n"
+        'Here: <script>window.pwned = true</script> and <img src=x onerror="window.pwned = true">\n\n'
         "**bold <b>x</b>** and *it* and `<i>code</i>`\n\n"
-        "- one <svg onload=\"window.pwned = true\">\n- two\n\n"
+        '- one <svg onload="window.pwned = true">\n- two\n\n'
         "1. first\n2. second\n\n"
-        "```html\n<img src=x onerror=\"window.pwned = true\">\n```\n\n"
+        '```html\n<img src=x onerror="window.pwned = true">\n```\n\n'
         "[a link](javascript:window.pwned=true)\n\n```python\nprint('still streaming')"
     )
     result = browser.execute_async_script(RENDER, hostile)
@@ -303,3 +327,362 @@ def test_markdown_shows_html_in_model_output_as_text(browser: Any, web_server: W
     assert result["strong"] == ["bold <b>x</b>"] and result["em"] == ["it"]
     assert result["items"] == ['one <svg onload="window.pwned = true">', "two", "first", "second"]
     assert "[a link](javascript:window.pwned=true)" in result["text"]  # links stay text
+
+
+# Accessibility, measured: contrast (WCAG 2.x 1.4.3 and 1.4.11) in both colour schemes, what a screen reader is
+# given (chromium's accessibility tree), keyboard use, and axe-core where `make test` could fetch it.
+SCHEMES = ("light", "dark")
+KINDS_OF_TEXT = ("h1", "p#connection", "th", "summary", "textarea#chat-input", "span.who", "pre", "code", "p.note",
+                 "p.error", "button#send", "span.badge", "dt", "select#model")  # fmt: skip
+# A sample of what answers can hold (the model's rarely has code), drawn by the page's own renderer into a
+# message built as chat.js builds one, so that code blocks and notes are measured as well.
+SAMPLE = """
+const done = arguments[arguments.length - 1];
+import('/ui/markdown.js').then((m) => {
+  const item = document.createElement('li');
+  item.className = 'message assistant';
+  item.dataset.sample = 'yes';
+  const who = document.createElement('span');
+  who.className = 'who';
+  who.textContent = 'Model';
+  const body = document.createElement('div');
+  body.className = 'body';
+  body.append(m.renderMarkdown('## Heading\\n\\nSome `inline code` and **bold**.\\n\\n#### Deeper\\n\\n'
+    + '```python\\n# a comment, not a heading\\nprint(1)\\n```'));
+  const note = document.createElement('p');
+  note.className = 'note';
+  note.textContent = 'Stopped.';
+  const error = document.createElement('p');
+  error.className = 'error';
+  error.textContent = 'The request failed.';
+  item.append(who, body, note, error);
+  document.getElementById('message-list').append(item);
+  done();
+});
+"""
+
+
+def keys(driver: Any, *sequence: str) -> None:
+    """Keys pressed on whatever has focus, as a keyboard user types them."""
+    ActionChains(driver).send_keys(*sequence).perform()
+
+
+def chat_once(driver: Any, prompt: str, max_tokens: int) -> None:
+    """Send a prompt to smol with temperature 0 and wait for the answer to end."""
+    Select(driver.find_element(By.ID, "model")).select_by_value("smol")
+    driver.execute_script("document.querySelector('#chat details').open = true")
+    for field, value in (("temperature", "0"), ("max-tokens", str(max_tokens))):
+        element = driver.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    driver.find_element(By.ID, "chat-input").send_keys(prompt + "\n")
+    wait(driver, lambda d: read(d, ".message.assistant", "data-state") not in (None, "streaming"), 120)
+    assert read(driver, ".message.assistant", "data-state") == "done"
+
+
+def test_contrast_arithmetic_matches_wcag_reference_values() -> None:
+    black, white = Rgba(0, 0, 0), Rgba(255, 255, 255)
+    assert contrast_ratio(black, white) == pytest.approx(21.0)
+    assert contrast_ratio(white, white) == pytest.approx(1.0)
+    assert contrast_ratio(Rgba(0x76, 0x76, 0x76), white) == pytest.approx(4.54, abs=0.01)  # the AA grey
+    assert contrast_ratio(Rgba(0x94, 0x94, 0x94), white) == pytest.approx(3.03, abs=0.01)  # the 3:1 grey
+    # Half-transparent black text on white is seen as mid grey: compositing comes before the ratio.
+    assert Rgba(0, 0, 0, 0.5).over(white) == Rgba(127.5, 127.5, 127.5)
+    assert flatten([Rgba(0, 0, 0, 0.5), Rgba(255, 255, 255, 0.5), black]) == Rgba(63.75, 63.75, 63.75)
+    large_bold = TextContrast("h1", "x", black, white, None, size_px=19.0, weight=700)
+    small_bold = TextContrast("b", "x", black, white, None, size_px=16.0, weight=700)
+    assert large_bold.required == 3.0 and small_bold.required == 4.5
+
+
+def test_every_text_and_control_meets_wcag_contrast_in_both_colour_schemes(browser: Any, web_server: WebServer) -> None:
+    open_page(browser, web_server)
+    chat_once(browser, "Say hello.", 12)
+    browser.execute_async_script(SAMPLE)
+    failures: list[str] = []
+    try:
+        for scheme in SCHEMES:
+            set_colour_scheme(browser, scheme)
+            assert browser.execute_script(f"return matchMedia('(prefers-color-scheme: {scheme})').matches")
+            texts = text_contrasts(browser)
+            # The walk saw the page's kinds of text: a check that measured nothing would pass anything.
+            seen = " ".join(text.where for text in texts)
+            for expected in KINDS_OF_TEXT:
+                assert expected in seen, (scheme, expected, seen)
+            failures += [f"{scheme}: {text}" for text in texts if text.ratio < text.required]
+            controls = control_contrasts(browser)
+            assert {"textarea#chat-input", "select#model", "input#temperature", "button#new-chat"} <= {
+                c.where for c in controls
+            }
+            failures += [f"{scheme}: {c}" for c in controls if c.ratio < NON_TEXT_MIN_RATIO]
+            lowest = min(texts, key=lambda text: text.ratio / text.required)
+            print(f"{scheme}: {len(texts)} texts, lowest {lowest}; {len(controls)} controls, lowest "
+                  f"{min(controls, key=lambda c: c.ratio)}")  # fmt: skip
+            shot(browser, f"contrast-{scheme}")
+    finally:
+        set_colour_scheme(browser, None)
+    assert not failures, "\n".join(failures)
+
+
+def test_tab_order_reaches_every_control_with_a_visible_focus_ring(browser: Any, web_server: WebServer) -> None:
+    open_page(browser, web_server)
+    browser.refresh()  # focus navigation starts again at the top of the page
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".device-card"))
+    browser.execute_script("document.querySelector('#chat details').open = true")
+    expected = tabbable(browser)
+    assert {"send", "chat-input", "model", "temperature", "max-tokens", "system-prompt", "zoom", "new-chat",
+            "forget-key", "messages"} <= set(expected)  # fmt: skip
+    failures: list[str] = []
+    try:
+        for scheme in SCHEMES:
+            set_colour_scheme(browser, scheme)
+            browser.refresh()
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".device-card"))
+            browser.execute_script("document.querySelector('#chat details').open = true")
+            reached: list[str] = []
+            rings: list[FocusRing] = []
+            # Tab until focus comes back round (or leaves for the browser's own controls): one lap of the page.
+            for _ in range(len(expected) + 5):
+                keys(browser, Keys.TAB)
+                current = active_element(browser)
+                if current is None or current in reached:
+                    break
+                reached.append(current)
+                ring = focus_ring(browser)
+                assert ring is not None
+                rings.append(ring)
+                if not ring.visible:
+                    failures.append(f"{scheme}: {ring}")
+                if current == "a.skip":
+                    failures += [f"{scheme}: {t}" for t in text_contrasts(browser, "a.skip") if t.ratio < t.required]
+                    shot(browser, f"focus-skip-link-{scheme}")
+                if current == "send":
+                    shot(browser, f"focus-send-{scheme}")
+            print(f"{scheme}: {len(reached)} tab stops {reached}; weakest ring {min(rings, key=lambda r: r.ratio)}")
+            assert reached[0] == "a.skip", reached  # the first stop skips the device panels
+            assert set(expected) <= set(reached), (scheme, set(expected) - set(reached))
+    finally:
+        set_colour_scheme(browser, None)
+    assert not failures, "\n".join(failures)
+    # The skip link lands in the chat: the next stop is the model picker.
+    browser.refresh()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".device-card"))
+    keys(browser, Keys.TAB)
+    assert active_element(browser) == "a.skip"
+    keys(browser, Keys.ENTER)
+    wait(browser, lambda d: active_element(d) == "chat", 5)
+    keys(browser, Keys.TAB)
+    assert active_element(browser) == "model"
+
+
+def bar_figures(driver: Any) -> list[dict[str, Any]]:
+    """Each bar's text alternative beside the figures its device's table shows (what a sighted user reads)."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        """
+        return [...document.querySelectorAll('.device-card [data-bar]')].map((bar) => {
+          const card = bar.closest('.device-card');
+          const rows = [...card.querySelectorAll('tbody tr')].map((tr) => ({
+            model: tr.dataset.model,
+            cells: Object.fromEntries([...tr.querySelectorAll('td[data-part]')]
+              .map((td) => [td.dataset.part, {text: td.textContent, bytes: td.dataset.bytes ?? null}])),
+          }));
+          return {device: card.dataset.device, bar: bar.dataset.bar, label: bar.getAttribute('aria-label'), rows};
+        });
+        """
+    )
+
+
+def test_screen_reader_gets_names_roles_an_outline_and_the_bars_figures(browser: Any, web_server: WebServer) -> None:
+    assert web_server.http.post("/models/load", json={"model": "smol"}).status_code == 200
+    open_page(browser, web_server)
+    wait(browser, lambda d: read(d, ".model-card[data-model='smol'] .badge", "data-state") == "ready")
+    browser.execute_script("document.querySelector('#chat details').open = true")
+    browser.execute_async_script(SAMPLE)
+    tree = AXTree(browser)
+
+    # Every control a keyboard reaches has a role and a name; these are the names a screen reader says.
+    for node in tree.exposed():
+        if node.properties.get("focusable") and node.role != "RootWebArea":
+            assert node.role not in ("generic", "none", ""), tree.describe(node)
+            assert node.name.strip(), f"{tree.describe(node)} ({node.role}) has no accessible name"
+    names = {"model": ("combobox", "Model"), "chat-input": ("textbox", "Message"),
+             "system-prompt": ("textbox", "System prompt"), "temperature": ("spinbutton", "Temperature"),
+             "max-tokens": ("spinbutton", "Max tokens"), "zoom": ("checkbox", "Scale bars to the models' memory"),
+             "send": ("button", "Send"), "stop": ("button", "Stop"), "new-chat": ("button", "New chat"),
+             "forget-key": ("button", "Forget API key"), "messages": ("log", "Conversation")}  # fmt: skip
+    for element_id, (role, name) in names.items():
+        node = tree.of(f"#{element_id}")
+        assert (node.role, node.name) == (role, name), element_id
+    assert tree.of("#chat details summary").name == "Parameters"
+
+    # The conversation and the status lines are live regions: what arrives there is read out.
+    assert tree.of("#messages").properties.get("live") == "polite"
+    for status in ("#chat-status", "#connection"):
+        node = tree.of(status)
+        assert (node.role, node.properties.get("live")) == ("status", "polite"), status
+
+    # Headings form an outline: one h1 first, then no level skipped on the way down.
+    outline = [(int(node.properties["level"]), node.name) for node in tree.exposed() if node.role == "heading"]
+    levels = [level for level, _ in outline]
+    assert levels[0] == 1 and levels.count(1) == 1, outline
+    assert all(b <= a + 1 for a, b in itertools.pairwise(levels)), outline
+    device_names = browser.execute_script("return [...document.querySelectorAll('.device-card h3')].length")
+    assert device_names == 3 and levels.count(3) == 3 + 1, outline  # two RPC devices, the host, the answer
+    # An answer's "## Heading" goes under the page's "Chat" h2 as an h3, its "####" as the next level down.
+    assert outline[-2:] == [(3, "Heading"), (4, "Deeper")], outline
+    code = tree.of("li[data-sample] pre")
+    assert (code.role, code.name) == ("group", "code, python")
+
+    # Each bar is an image whose name carries the figures its table shows, model by model, part by part.
+    bars = bar_figures(browser)
+    assert len(bars) == 6
+    words = {"weights": "weights", "kv": "KV", "compute": "compute", "overhead": "overhead"}
+    for bar in bars:
+        node = tree.of(f".device-card[data-device='{bar['device']}'] [data-bar='{bar['bar']}']")
+        print(f"{bar['device']} [{node.role}] {node.name}")
+        assert node.role == "image" and node.name == bar["label"], (node.role, node.name, bar["label"])
+        said = dict(part.split(" ", 1) for part in node.name.split(": ", 1)[1].split("; ") if " " in part)
+        for row in bar["rows"]:
+            cells = row["cells"]
+            if bar["bar"] == "predicted":
+                spoken = said[row["model"]]
+                assert spoken.startswith(cells["total"]["text"]), (bar, spoken)
+                for part, word in words.items():
+                    if part in cells and cells[part]["bytes"] not in (None, "0"):
+                        assert f"{word} {cells[part]['text']}" in spoken, (bar, part, spoken)
+            elif cells["actual"]["bytes"] is not None:
+                assert said[row["model"]].startswith(cells["actual"]["text"]), (bar, said)
+        visible_total = browser.execute_script(
+            "return arguments[0].closest('.bar-row').querySelector('.bar-total').textContent",
+            browser.find_element(By.CSS_SELECTOR, f".device-card[data-device='{bar['device']}'] "
+                                                  f"[data-bar='{bar['bar']}']"),
+        )  # fmt: skip
+        assert f"total {visible_total}" in node.name or visible_total == "–", (node.name, visible_total)
+    # The model not loaded is faded on screen, and said to be so.
+    predicted = next(bar for bar in bars if bar["bar"] == "predicted")
+    if web_server.plan()["smol-b"]["status"] != "ready":
+        assert "(not loaded)" in predicted["label"].split("smol-b ", 1)[1].split(";")[0], predicted["label"]
+
+
+def test_streamed_answer_is_in_a_live_region_and_stop_is_reached_and_pressed_by_keyboard(
+    browser: Any, web_server: WebServer
+) -> None:
+    open_page(browser, web_server)
+    Select(browser.find_element(By.ID, "model")).select_by_value("smol")
+    browser.execute_script("document.querySelector('#chat details').open = true")
+    for field, value in (("temperature", "0"), ("max-tokens", "900")):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    cancelled_before = (
+        metric_value(web_server.http.get("/metrics").text, "llamasplit_requests_cancelled_total", model="smol") or 0.0
+    )
+    browser.find_element(By.ID, "chat-input").send_keys("Count from 1 to 500, one number per line.")
+    keys(browser, Keys.TAB)
+    assert active_element(browser) == "send"
+    keys(browser, Keys.ENTER)
+    # Send is disabled while the answer streams: focus goes on to Stop rather than back to the top of the page.
+    wait(browser, lambda d: read(d, ".message.assistant .body", None), 120)
+    assert read(browser, ".message.assistant", "data-state") == "streaming"
+    assert active_element(browser) == "stop"
+    ring = focus_ring(browser)
+    assert ring is not None and ring.visible, ring
+    stop_texts = text_contrasts(browser, "#stop")
+    assert stop_texts and all(t.ratio >= t.required for t in stop_texts), [str(t) for t in stop_texts]
+    shot(browser, "keyboard-stop-focused")
+
+    tree = AXTree(browser)
+    answer = tree.of(".message.assistant")
+    assert answer.role == "listitem" and not answer.ignored, answer.role  # counted among the messages
+    region = next((n for n in answer.ancestors() if n.properties.get("live") in ("polite", "assertive")), None)
+    assert region is not None and region.role == "log", "the streamed answer is not inside a live region"
+    # Busy while it streams: screen readers read the answer once it ends instead of a word at a time.
+    assert answer.properties.get("busy")
+    assert answer.text().strip(), "the answer's text is not in the accessibility tree"
+
+    keys(browser, Keys.SPACE)
+    wait_for(lambda: web_server.metric("llamasplit_sequences_busy", "smol") == 0, 5)
+    assert web_server.metric("llamasplit_requests_cancelled_total", "smol") == cancelled_before + 1
+    assert read(browser, ".message.assistant", "data-state") == "stopped"
+    wait(browser, lambda d: active_element(d) == "chat-input", 5)  # ready for the next message
+    tree = AXTree(browser)
+    answer = tree.of(".message.assistant")
+    assert not answer.properties.get("busy")
+    assert "Stopped" in tree.of("#chat-status").text()
+
+
+def test_key_prompt_is_announced_as_a_modal_dialog_with_focus_inside(browser: Any, web_server: WebServer) -> None:
+    browser.get(web_server.url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    wait(browser, lambda d: d.execute_script("return document.getElementById('key-dialog').open"))
+    tree = AXTree(browser)
+    dialog = tree.of("#key-dialog")
+    assert (dialog.role, dialog.name, dialog.properties.get("modal")) == ("dialog", "API key", True)
+    assert "requires an API key" in dialog.description
+    focused = [node for node in tree.exposed() if node.properties.get("focused") and node.role != "RootWebArea"]
+    assert len(focused) == 1 and (focused[0].role, focused[0].name) == ("textbox", "Key"), focused
+    assert dialog in focused[0].ancestors()
+    # Behind a modal dialog the page is inert: a screen reader cannot wander into it, nor can Tab.
+    for behind in ("#send", "#chat-input", "#devices"):
+        node = tree.find(behind)
+        assert node is None or node.ignored, behind
+    for _ in range(4):
+        keys(browser, Keys.TAB)
+        assert active_element(browser) in ("key-input", "key-submit", None)
+    failures: list[str] = []
+    try:
+        for scheme in SCHEMES:
+            set_colour_scheme(browser, scheme)
+            texts = text_contrasts(browser, "#key-dialog")
+            assert any(t.where.endswith("p#key-reason") for t in texts)
+            failures += [f"{scheme}: {t}" for t in texts if t.ratio < t.required]
+            failures += [f"{scheme}: {c}" for c in control_contrasts(browser, "#key-dialog")
+                         if c.ratio < NON_TEXT_MIN_RATIO]  # fmt: skip
+            shot(browser, f"key-prompt-{scheme}")
+    finally:
+        set_colour_scheme(browser, None)
+    assert not failures, "\n".join(failures)
+    browser.find_element(By.ID, "key-input").send_keys(KEY + "\n")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".device-card"))
+
+
+# Counts changes inside the page's live regions until the page has polled /ui/stats twice more.
+QUIET = """
+const done = arguments[arguments.length - 1];
+let changes = 0;
+const observer = new MutationObserver((records) => { changes += records.length; });
+for (const region of document.querySelectorAll('[role=status], [role=log], [role=alert], [aria-live]')) {
+  observer.observe(region, {childList: true, subtree: true, characterData: true});
+}
+let polls = 0;
+new PerformanceObserver((list) => {
+  polls += list.getEntries().filter((e) => e.name.endsWith('/ui/stats')).length;
+  if (polls >= 2) setTimeout(() => { observer.disconnect(); done({changes, polls}); }, 200);
+}).observe({type: 'resource'});
+"""
+
+
+def test_live_regions_stay_quiet_while_nothing_changes(browser: Any, web_server: WebServer) -> None:
+    open_page(browser, web_server)
+    wait(browser, lambda d: read(d, "#connection") == "connected")
+    result = browser.execute_async_script(QUIET)
+    # Rewriting a status with the same words makes some screen readers say it again, every poll.
+    assert result["changes"] == 0, result
+
+
+def test_axe_core_finds_no_wcag_violations_in_either_colour_scheme(browser: Any, web_server: WebServer) -> None:
+    if not AXE_PATH.is_file():
+        pytest.skip(f"no axe-core at {AXE_PATH.relative_to(ROOT)}: `make test` fetches it with npm where it can")
+    open_page(browser, web_server)
+    chat_once(browser, "Say hello.", 12)
+    browser.execute_async_script(SAMPLE)
+    found: list[str] = []
+    try:
+        for scheme in SCHEMES:
+            set_colour_scheme(browser, scheme)
+            for violation in run_axe(browser):
+                found.append(f"{scheme}: {violation['id']} ({violation['impact']}): {violation['help']}\n    "
+                             + "\n    ".join(violation["nodes"]))  # fmt: skip
+    finally:
+        set_colour_scheme(browser, None)
+    assert not found, "\n".join(found)
