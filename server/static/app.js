@@ -4,6 +4,7 @@
 import { forgetKey, hasKey, json } from "./api.js";
 import { initChat, setModels } from "./chat.js";
 import { renderPlan } from "./devices.js";
+import { scrollsByKeyboard } from "./format.js";
 import { renderLive } from "./live.js";
 
 const PLAN_EVERY_MS = 4000;
@@ -54,6 +55,7 @@ function every(ms, work) {
 }
 
 initChat();
+scrollsByKeyboard(document.querySelector("#placement > .table-wrap"), "Live figures by model");
 document.getElementById("zoom").addEventListener("change", (event) => {
   if (lastPlans) renderPlan(lastPlans, event.target.checked);
 });

@@ -3,7 +3,7 @@
 // cut into weights / KV / compute / overhead per model, then free. The table under the bars holds the same
 // numbers in bytes (data-bytes), so the drawing can be checked against the plan.
 
-import { el, formatBytes, formatRate } from "./format.js";
+import { el, formatBytes, formatRate, scrollsByKeyboard } from "./format.js";
 
 const PARTS = [
   ["weights", "weights"],
@@ -101,7 +101,7 @@ function deviceCard(device, zoom) {
   if (device.capacity) {
     card.append(el("p", `${formatBytes(device.capacity)} free before loading; ${formatBytes(device.capacity - predictedTotal)} left as planned`, "note"));
   }
-  card.append(table(device));
+  card.append(scrollsByKeyboard(table(device), `${title.textContent}: bytes by model`));
   return card;
 }
 

@@ -19,6 +19,23 @@ export function formatSeconds(seconds) {
   return seconds >= 1 ? `${seconds.toFixed(2)} s` : `${(seconds * 1000).toFixed(0)} ms`;
 }
 
+// A box that scrolls sideways (a wide table on a phone) takes keyboard focus while it overflows, so that the
+// arrow keys can scroll it; while it fits it is no tab stop. Its name says what a screen reader lands on.
+const overflowWatch = new ResizeObserver((entries) => {
+  for (const { target } of entries) {
+    if (!target.isConnected) overflowWatch.unobserve(target); // a panel redrawn: the old box is gone
+    else if (target.scrollWidth > target.clientWidth) target.tabIndex = 0;
+    else target.removeAttribute("tabindex");
+  }
+});
+
+export function scrollsByKeyboard(box, name) {
+  box.setAttribute("role", "group");
+  box.setAttribute("aria-label", name);
+  overflowWatch.observe(box);
+  return box;
+}
+
 /** An element with text (always text: nothing from the server is parsed as HTML) and optional class. */
 export function el(tag, text, className) {
   const element = document.createElement(tag);

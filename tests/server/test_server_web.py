@@ -584,6 +584,11 @@ def test_streamed_answer_is_in_a_live_region_and_stop_is_reached_and_pressed_by_
     wait(browser, lambda d: read(d, ".message.assistant .body", None), 120)
     assert read(browser, ".message.assistant", "data-state") == "streaming"
     assert active_element(browser) == "stop"
+    # From the message box too, Tab goes straight to Stop while Send is disabled.
+    ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+    assert active_element(browser) == "chat-input"
+    keys(browser, Keys.TAB)
+    assert active_element(browser) == "stop"
     ring = focus_ring(browser)
     assert ring is not None and ring.visible, ring
     stop_texts = text_contrasts(browser, "#stop")
@@ -670,7 +675,15 @@ def test_live_regions_stay_quiet_while_nothing_changes(browser: Any, web_server:
     assert result["changes"] == 0, result
 
 
-def test_axe_core_finds_no_wcag_violations_in_either_colour_scheme(browser: Any, web_server: WebServer) -> None:
+OVERFLOWING_TABLES_ARE_TAB_STOPS = """
+const boxes = [...document.querySelectorAll('.table-wrap')];
+return boxes.length === 4 && boxes.every((box) => (box.scrollWidth > box.clientWidth) === (box.tabIndex === 0));
+"""
+
+
+def test_axe_core_finds_no_wcag_violations_in_either_colour_scheme_on_desktop_and_phone(
+    browser: Any, web_server: WebServer
+) -> None:
     if not AXE_PATH.is_file():
         pytest.skip(f"no axe-core at {AXE_PATH.relative_to(ROOT)}: `make test` fetches it with npm where it can")
     open_page(browser, web_server)
@@ -678,11 +691,16 @@ def test_axe_core_finds_no_wcag_violations_in_either_colour_scheme(browser: Any,
     browser.execute_async_script(SAMPLE)
     found: list[str] = []
     try:
-        for scheme in SCHEMES:
-            set_colour_scheme(browser, scheme)
-            for violation in run_axe(browser):
-                found.append(f"{scheme}: {violation['id']} ({violation['impact']}): {violation['help']}\n    "
-                             + "\n    ".join(violation["nodes"]))  # fmt: skip
+        for width, height in ((1280, 1000), (390, 844)):  # on a phone the device tables scroll sideways
+            browser.set_window_size(width, height)
+            # A table that overflows its card is a tab stop (the arrow keys scroll it); one that fits is not.
+            wait(browser, lambda d: d.execute_script(OVERFLOWING_TABLES_ARE_TAB_STOPS), 5)
+            for scheme in SCHEMES:
+                set_colour_scheme(browser, scheme)
+                for violation in run_axe(browser):
+                    found.append(f"{scheme}, {width}px: {violation['id']} ({violation['impact']}): "
+                                 f"{violation['help']}\n    " + "\n    ".join(violation["nodes"]))  # fmt: skip
     finally:
         set_colour_scheme(browser, None)
+        browser.set_window_size(1280, 1000)
     assert not found, "\n".join(found)
