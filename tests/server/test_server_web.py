@@ -704,3 +704,16 @@ def test_axe_core_finds_no_wcag_violations_in_either_colour_scheme_on_desktop_an
         set_colour_scheme(browser, None)
         browser.set_window_size(1280, 1000)
     assert not found, "\n".join(found)
+
+
+def test_page_reflows_to_320_css_pixels_without_sideways_scrolling(browser: Any, web_server: WebServer) -> None:
+    # WCAG 2.x 1.4.10: at 320 CSS px (1280 px zoomed to 400 %) nothing but the wide tables scrolls sideways.
+    open_page(browser, web_server)
+    browser.set_window_size(320, 800)
+    try:
+        width = browser.execute_script("return window.innerWidth")
+        assert width <= 320, width
+        wait(browser, lambda d: d.execute_script("return document.documentElement.scrollWidth") <= width, 5)
+        shot(browser, "reflow-320px")
+    finally:
+        browser.set_window_size(1280, 1000)
