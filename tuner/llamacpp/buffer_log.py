@@ -16,6 +16,8 @@ from typing import Any, Literal, TextIO
 
 from pydantic import BaseModel, Field, computed_field
 
+from tuner.llamacpp.device_usage import DeviceUsage
+
 MiB = 1024 * 1024
 # A value printed as "%8.2f MiB" is within half a hundredth of a MiB of the real size.
 LOG_ROUNDING_BYTES = 5243  # ceil(0.005 * 2**20)
@@ -89,6 +91,8 @@ class BufferReport(BaseModel):
     devices: list[UsedDevice] = Field(default_factory=list)
     # ggml device name (RPC0) -> name of its buffers in the log (RPC0[127.0.0.1:50052]); set by load.py.
     device_buffer_names: dict[str, str] = Field(default_factory=dict)
+    # Split mode tensor: each device before and after the load, measured outside llama.cpp, by buffer name.
+    device_usage: dict[str, DeviceUsage] = Field(default_factory=dict)
     # layer index -> ggml device name; needs the DEBUG lines ("layer N assigned to device X").
     # Index n_layer is the output layer.
     layer_devices: dict[int, str] = Field(default_factory=dict)

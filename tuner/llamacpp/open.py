@@ -154,6 +154,14 @@ def open_model(
         else:
             params.load_mode = LLAMA_LOAD_MODE_MMAP if settings.use_mmap else LLAMA_LOAD_MODE_NONE
 
+        # Split mode tensor: llama.cpp reports only the Meta() device, so each device is also measured from
+        # outside (tuner.llamacpp.device_usage), before the load and once the context exists.
+        probed: list[int] = []
+        if settings.split_mode == "tensor" and not dry_run:
+            from tuner.llamacpp.device_usage import local_gpu_devices, sample_devices
+
+            probed = list(devices) or local_gpu_devices()
+            samples_before = sample_devices(probed)
         started = time.monotonic()
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         timings["model"] = round(time.monotonic() - started, 3)
@@ -194,8 +202,14 @@ def open_model(
                 f"n_seq_max={settings.n_seq_max})",
             )
         exact_rows = memory_breakdown_rows(ctx) if libs.memory_breakdown_supported() else []
+        if probed:
+            from tuner.llamacpp.device_usage import sample_devices, usage_between
+
+            device_usage = usage_between(samples_before, sample_devices(probed))
 
     report = capture.report()
+    if probed:
+        report.device_usage = device_usage
     report.device_buffer_names = device_buffer_names
     report.timings_s = timings
     if exact_rows:
