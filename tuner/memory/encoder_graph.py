@@ -100,6 +100,8 @@ class _Encoder(_Decoder):
         w = self.layer_weights(il, home, key)
         bias = {name: self.weight(f"blk.{il}.{name}.bias", home, key)
                 for name in ("attn_output_norm", "layer_output_norm", "attn_norm_2")}  # fmt: skip
+        w["attn_q_norm.b"] = self.weight(f"blk.{il}.attn_q_norm.bias", home, key)
+        w["attn_k_norm.b"] = self.weight(f"blk.{il}.attn_k_norm.bias", home, key)
         w["attn_norm_2"] = self.weight(f"blk.{il}.attn_norm_2.weight", home, key)
         w["attn_output_norm"] = self.weight(f"blk.{il}.attn_output_norm.weight", home, key)
         w["layer_output_norm"] = self.weight(f"blk.{il}.layer_output_norm.weight", home, key)
@@ -118,6 +120,8 @@ class _Encoder(_Decoder):
         up = self.mm(up_w, cur, w["ffn_up.b"])
         if gate_w is not None:  # nomic-bert: SwiGLU with a separate gate
             act = _new("GLU", _F32, up.ne, self.mm(gate_w, cur, w["ffn_gate.b"]), up)
+        elif up.ne[0] != self.s.n_ff[il]:  # jina-bert-v2: ffn_up holds the gate too, GEGLU halves it
+            act = _new("GLU", _F32, (up.ne[0] // 2, *up.ne[1:]), up)
         else:
             act = _dup("UNARY", up)  # GELU, in place
         cur = self.mm(down_w, act, w["ffn_down.b"])
@@ -139,6 +143,16 @@ class _Encoder(_Decoder):
             q = _reshape(self.mm(w["attn_q"], cur, w["attn_q.b"]), D, hq, T)
             k = _reshape(self.mm(w["attn_k"], cur, w["attn_k.b"]), D, hk, T)
             v = _reshape(self.mm(w["attn_v"], cur, w["attn_v.b"]), D, hk, T)
+        # jina-bert-v2: LayerNorms over each token's whole Q and K rows
+        for name in ("attn_q_norm", "attn_k_norm"):
+            norm_w = w[name]
+            if norm_w is not None:
+                x = q if name == "attn_q_norm" else k
+                normed = self.norm(_reshape(x, x.ne[0] * x.ne[1], T), norm_w, home, w[f"{name}.b"])
+                if name == "attn_q_norm":
+                    q = _reshape(normed, D, hq, T)
+                else:
+                    k = _reshape(normed, D, hk, T)
         if s.arch in _ROPE_ENCODERS and self.inp_pos is not None:
             q = _dup("ROPE", q, self.inp_pos)
             k = _dup("ROPE", k, self.inp_pos)
