@@ -306,6 +306,8 @@ class ServedModel:
 def describe_memory(memory: MemoryReport) -> str:
     parts = []
     for row in memory.devices:
+        if row.buffer_name is None and not row.predicted_bytes:
+            continue  # a device it was opened without (an RPC worker it has no share of)
         actual = f"{row.actual_bytes / MiB:.1f} MiB" if row.actual_bytes is not None else "unknown"
         nvml = f", NVML +{row.nvml_used_bytes / MiB:.1f} MiB" if row.nvml_used_bytes is not None else ""
         parts.append(f"{row.name}: predicted {row.predicted_bytes / MiB:.1f} MiB, llama.cpp {actual}{nvml}")

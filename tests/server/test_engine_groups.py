@@ -3,16 +3,24 @@ settings re-indexed to that shorter list (the tuner's real plans for SmolLM2, on
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import httpx
+import pytest
+
 from server.allocation import build_memory_report
+from server.app import create_app
 from server.engine_groups import select_devices
+from tests.kit.rpcbed import rpc_servers
+from tests.server.support import LiveServer, make_settings, wait_for
 from tuner import Device, PlanRequest, plan_model
 from tuner.inventory import simulated_devices
 from tuner.llamacpp import BufferReport, BufferSizes
 
 GiB = 1024**3
 W1, W2 = "127.0.0.1:50061", "127.0.0.1:50062"
+NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end-of-text tokens: keep a stream going
 
 
 def rpc_device(endpoint: str) -> Device:
@@ -100,3 +108,69 @@ def test_the_memory_report_pairs_buffers_with_the_devices_the_model_was_opened_w
         (f"RPC0[{W2}]", f"RPC0[{W2}]", 40 << 20),
         (plan.devices[2].name, "CUDA0", 30 << 20),
     ]
+
+
+# -- engine processes over two real RPC servers, the server in this process (its registry is looked at) --
+
+
+def start_three_models(smollm2: Path, endpoints: list[str]) -> LiveServer:
+    """Model a whole on the first RPC server, b whole on the second (both loaded), c across both (on demand)."""
+    models = [
+        {"path": str(smollm2), "alias": "a", "tensor_split": "1,0"},
+        {"path": str(smollm2), "alias": "b", "tensor_split": "0,1"},
+        {"path": str(smollm2), "alias": "c", "tensor_split": "1,1"},
+    ]
+    settings = make_settings(
+        models=models, rpc=",".join(endpoints), ctx=512, parallel=1, threads=1, preload=("a", "b"), max_queue=8
+    )
+    return LiveServer(create_app(settings)).start()
+
+
+def chat(http: httpx.Client, model: str) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            "logit_bias": NO_EOS}  # fmt: skip
+    return http.post("/v1/chat/completions", json=body)
+
+
+@pytest.mark.llama
+def test_a_model_across_two_workers_merges_their_engine_processes_once_the_movers_are_idle(
+    smollm2: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llamasplit.registry")
+    with rpc_servers(2) as endpoints:
+        server = start_three_models(smollm2, endpoints)
+        registry = server.app.state.llamasplit.registry
+        try:
+            with httpx.Client(base_url=server.url, timeout=120) as http:
+                # One engine process per worker: a dead worker would take down only its own model.
+                worker_a, worker_b = registry.worker_of("a"), registry.worker_of("b")
+                assert worker_a is not None and worker_b is not None and worker_a.pid != worker_b.pid
+                assert registry.held_rpc_endpoints() == set(endpoints)
+
+                # "c" needs both workers: one process must hold them, so "b" must move, which it cannot while
+                # it streams. The answer is a retry-later 503 that says so; nothing is unloaded.
+                body = {"model": "b", "messages": [{"role": "user", "content": "Tell a long story."}],
+                        "max_tokens": 400, "temperature": 0, "logit_bias": NO_EOS, "stream": True}  # fmt: skip
+                with http.stream("POST", "/v1/chat/completions", json=body) as stream:
+                    lines = stream.iter_lines()
+                    next(line for line in lines if line.startswith("data: "))
+                    refused = chat(http, "c")
+                assert refused.status_code == 503, refused.text
+                error = refused.json()["error"]
+                assert error["code"] == "no_room"
+                assert "b must move into it, but they have requests in flight" in error["message"]
+                assert registry.worker_of("b") is worker_b and registry.models["b"].state == "ready"
+
+                # Once "b" is idle, "c" loads: "b" moves into "a"'s process, and all three answer from it.
+                wait_for(lambda: registry.models["b"].idle, 30)
+                reply = chat(http, "c")
+                assert reply.status_code == 200, reply.text
+                assert registry.worker_of("a") is registry.worker_of("b") is registry.worker_of("c") is worker_a
+                assert not worker_b.alive  # ended once empty, which freed its worker for the merged process
+                for name in ("a", "b"):
+                    assert chat(http, name).status_code == 200
+                assert all(m.state == "ready" for m in registry.models.values())
+        finally:
+            server.stop()
+    assert "b unloaded: moving into engine process rpc-1" in caplog.text
+    assert "c uses its RPC workers together" in caplog.text
