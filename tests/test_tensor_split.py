@@ -218,6 +218,45 @@ def test_variable_layer_model_in_layer_split_allocates_the_prediction(synth_mode
         assert abs(actual - predicted) <= max(0.03 * actual, 16 * MiB), (device.name, actual, predicted)
 
 
+def test_device_usage_finds_the_process_listening_on_a_loopback_endpoint() -> None:
+    """The /proc walk that ties an RPC endpoint to its server process, tried on a socket this test listens on."""
+    import os
+    import socket
+
+    from tuner.llamacpp.device_usage import listening_pid, process_data_bytes
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert listening_pid(f"127.0.0.1:{port}") == os.getpid()
+    assert listening_pid(f"127.0.0.1:{port}") is None  # closed: nobody listens there any more
+    assert listening_pid(f"192.0.2.1:{port}") is None  # another machine's process is out of reach
+    data_bytes = process_data_bytes(os.getpid())
+    assert data_bytes is not None and data_bytes > 0
+
+
+def test_device_usage_prefers_ggml_free_memory_and_has_no_figure_without_a_source() -> None:
+    from tuner.llamacpp.device_usage import DeviceSample, DeviceUsage
+
+    gpu = DeviceUsage(before=DeviceSample(free_bytes=20 * GiB, total_bytes=24 * GiB, server_pid=7,
+                                          server_data_bytes=GiB),
+                      after=DeviceSample(free_bytes=15 * GiB, total_bytes=24 * GiB, server_pid=7,
+                                         server_data_bytes=GiB + MiB))  # fmt: skip
+    assert gpu.used() == (5 * GiB, "ggml_backend_dev_memory: free before minus free after")
+    # a CPU device reports free == total whatever it holds: only its server process can tell
+    cpu = DeviceSample(free_bytes=64 * GiB, total_bytes=64 * GiB)
+    assert DeviceUsage(before=cpu, after=cpu).used() is None
+    served = DeviceUsage(
+        before=cpu.model_copy(update={"server_pid": 9, "server_data_bytes": GiB}),
+        after=cpu.model_copy(update={"server_pid": 9, "server_data_bytes": GiB + 3 * MiB}),
+    )
+    used = served.used()
+    assert used is not None and used[0] == 3 * MiB and "RPC server process 9" in used[1]
+    restarted = served.model_copy(update={"after": served.after.model_copy(update={"server_pid": 10})})
+    assert restarted.used() is None  # a different process: the two figures are not comparable
+
+
 def tune_split(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tuner.cli", *map(str, args)], capture_output=True, text=True, timeout=300
