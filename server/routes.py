@@ -261,7 +261,8 @@ def _card(model: ServedModel) -> ModelCard:
         n_ctx_per_seq=model.n_ctx_per_seq,
         parallel=model.plan.n_seq_max,
         kv_unified=model.plan.kv_unified,
-        chat_template=model.engine.chat_template_source() if model.engine is not None else None,
+        # an embedding model has no chat template to speak of (it renders none)
+        chat_template=None if model.engine is None or model.plan.embeddings else model.engine.chat_template_source(),
         error=model.error,
         pinned=model.pinned,
         keep_alive_s=model.keep_alive_s,

@@ -8,6 +8,7 @@ WordPiece one with BERT's special tokens, so llama.cpp loads, tokenizes and embe
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ class EncoderShape:
             raise ValueError(f"arch {self.arch!r} is not one of {ARCHITECTURES}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+
+    def replace(self, **changes: object) -> EncoderShape:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 TINY_NOMIC_BERT = EncoderShape("nomic-bert", n_layer=3, n_embd=128, n_head=4, n_ff=320, name="tiny-nomic-bert")

@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from server.app import create_app
+from tests.kit.encoders import TINY_NOMIC_BERT, write_encoder_gguf
 from tests.kit.minilm import minilm_path
 from tests.server.support import LiveServer, make_settings
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.llama
 
 EMBEDDER = "minilm"
 CHAT = "smollm2"
+NO_POOLING = "no-pooling"
 TEXTS = [
     "A man is eating food.",
     "A man is eating a piece of bread.",
@@ -80,9 +82,17 @@ def reference(minilm: Path, embed_server: LiveServer) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def embed_server(minilm: Path, smollm2: Path) -> Iterator[LiveServer]:
+def embed_server(minilm: Path, smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    # An encoder whose GGUF pools as "none": one vector per token, nothing OpenAI's embeddings can return.
+    no_pooling = write_encoder_gguf(
+        tmp_path_factory.mktemp("encoders") / "no-pooling.gguf", TINY_NOMIC_BERT.replace(pooling="NONE")
+    )
     settings = make_settings(
-        models=[{"path": str(minilm), "alias": EMBEDDER}, {"path": str(smollm2), "alias": CHAT}],
+        models=[
+            {"path": str(minilm), "alias": EMBEDDER},
+            {"path": str(smollm2), "alias": CHAT},
+            {"path": str(no_pooling), "alias": NO_POOLING},
+        ],
         parallel=4,
         threads=1,
         preload=[EMBEDDER],
@@ -223,3 +233,17 @@ def test_an_embedding_model_asked_to_generate_says_why(http: httpx.Client, path:
     error = reply.json()["error"]
     assert (error["code"], error["param"]) == ("model_is_embedding", "model")
     assert "embedding model (bert)" in error["message"] and "/v1/embeddings" in error["message"]
+
+
+def test_the_model_card_of_an_embedding_model(http: httpx.Client) -> None:
+    card = http.get(f"/v1/models/{EMBEDDER}").json()
+    assert card["status"] == "ready" and card["chat_template"] is None
+    assert card["n_ctx_per_seq"] == 512  # the longest input: BERT's training context
+
+
+def test_a_model_that_pools_nothing_fails_to_load_saying_why(http: httpx.Client) -> None:
+    reply = http.post("/v1/embeddings", json={"model": NO_POOLING, "input": "the man is eating"})
+    assert reply.status_code == 503
+    error = reply.json()["error"]
+    assert error["code"] == "model_failed"
+    assert "pools its embeddings as 'none'" in error["message"] and "mean, cls, last" in error["message"]
