@@ -25,7 +25,7 @@ import pytest
 from server.app import create_app
 from tests.kit.encoders import TINY_NOMIC_BERT, write_encoder_gguf
 from tests.kit.minilm import minilm_path
-from tests.server.support import LiveServer, make_settings
+from tests.server.support import LiveServer, make_settings, serve_cli
 
 pytestmark = pytest.mark.llama
 
@@ -247,3 +247,25 @@ def test_a_model_that_pools_nothing_fails_to_load_saying_why(http: httpx.Client)
     error = reply.json()["error"]
     assert error["code"] == "model_failed"
     assert "pools its embeddings as 'none'" in error["message"] and "mean, cls, last" in error["message"]
+
+
+def test_served_over_two_rpc_devices_as_planned(minilm: Path, reference: dict[str, Any], tmp_path: Path) -> None:
+    """Through `llamasplit serve --rpc`: the tuner's plan puts half the blocks on each of two llama.cpp RPC
+    devices, llama.cpp allocates exactly what it predicted there, and the vectors are the same."""
+    from tests.kit.rpcbed import rpc_servers
+
+    args = ["--model", f"{EMBEDDER}={minilm}", "--tensor-split", "1,1", "--threads", "1"]
+    with rpc_servers(2) as endpoints, serve_cli([*args, "--rpc", ",".join(endpoints)], tmp_path / "serve.log") as url:
+        entry = httpx.get(url + "/v1/plan", timeout=30).json()["data"][0]
+        reply = httpx.post(url + "/v1/embeddings", json={"model": EMBEDDER, "input": TEXTS}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert_same_vectors([item["embedding"] for item in reply.json()["data"]], reference["vectors"])
+    memory = entry["memory"]
+    assert memory["exact"] and entry["plan"]["embeddings"]
+    placed = [d for d in memory["devices"] if d["predicted_weights_bytes"]]
+    assert len(placed) == 2
+    for device in placed:
+        actual = device["actual"]
+        assert actual["model_bytes"] == device["predicted_weights_bytes"], device
+        assert actual["kv_bytes"] == device["predicted_kv_bytes"] == 0, device
+        assert actual["compute_bytes"] == device["predicted_compute_bytes"], device
