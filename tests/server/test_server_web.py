@@ -717,3 +717,29 @@ def test_page_reflows_to_320_css_pixels_without_sideways_scrolling(browser: Any,
         shot(browser, "reflow-320px")
     finally:
         browser.set_window_size(1280, 1000)
+
+
+GRAPHIC_COLOURS = """
+const paint = (selector) => [...document.querySelectorAll(selector)]
+  .map((e) => `${getComputedStyle(e).backgroundColor} ${getComputedStyle(e).backgroundImage}`);
+return {keys: paint('.legend .key'), segments: paint('.segment'), swatches: paint('.model-card .swatch'),
+        canvas: getComputedStyle(document.body).backgroundColor};
+"""
+
+
+def test_bars_keep_their_colours_in_a_forced_colours_theme(browser: Any, web_server: WebServer) -> None:
+    # Windows' high-contrast themes force every background to one colour; the bars are data and must stay drawn.
+    open_page(browser, web_server)
+    normal = browser.execute_script(GRAPHIC_COLOURS)
+    browser.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia", {"media": "", "features": [{"name": "forced-colors", "value": "active"}]}
+    )
+    try:
+        assert browser.execute_script("return matchMedia('(forced-colors: active)').matches")
+        forced = browser.execute_script(GRAPHIC_COLOURS)
+        shot(browser, "forced-colours")
+    finally:
+        set_colour_scheme(browser, None)
+    assert forced["canvas"] != normal["canvas"]  # the theme did take over the page's own colours
+    for part in ("keys", "segments", "swatches"):
+        assert forced[part] == normal[part] and len(set(forced[part])) > 1, (part, forced[part])
