@@ -31,6 +31,7 @@ from server.errors import (
     param_path,
 )
 from server.metrics import Metrics, counter, gauge
+from server.openapi import install as install_openapi
 from server.registry import ModelRegistry, ServedModel
 from server.routes import AppState, api, ops
 from server.rpc_health import start_rpc_recovery
@@ -73,6 +74,7 @@ def create_app(
     app.include_router(api)
     app.include_router(ops)
     app.include_router(ui)  # the web page at / (server/static)
+    install_openapi(app)
     _add_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -12,9 +12,10 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -32,17 +33,31 @@ from server.errors import (
     from_validation_error,
 )
 from server.metrics import CONTENT_TYPE, Metrics
+from server.openapi import (
+    AUTHENTICATED,
+    LOADS,
+    NAMES_MODEL,
+    READS_BODY,
+    RETRY_AFTER_HEADER,
+    RUNS_MODEL,
+    error_responses,
+    generation_responses,
+    json_body,
+)
 from server.placement import NoRoomError
 from server.protocol import (
     UNION_HINTS,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    Completion,
     CompletionRequest,
     ModelCard,
     ModelDevice,
     ModelList,
     ModelStatus,
 )
-from server.registry import ModelRegistry, ServedModel
+from server.registry import ModelRegistry, ModelState, ServedModel
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -62,11 +77,20 @@ def app_state(request: Request) -> AppState:
     return state
 
 
-async def require_api_key(request: Request) -> None:
+# Declares the key in the OpenAPI document (a security scheme, named on every route that checks it); it never
+# refuses by itself: auth.check answers with the server's own 401, and lets everything through without keys.
+bearer_key = HTTPBearer(
+    auto_error=False, scheme_name="apiKey", description="One of the server's API keys (--api-key), when it has any"
+)
+
+
+async def require_api_key(
+    request: Request, _declared: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_key)]
+) -> None:
     app_state(request).auth.check(request.headers.get("authorization"))
 
 
-api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=error_responses(*AUTHENTICATED))
 ops = APIRouter()
 
 
@@ -225,17 +249,32 @@ async def _generate(
     return JSONResponse(result.model_dump())
 
 
-@api.post("/chat/completions")
+@api.post(
+    "/chat/completions",
+    responses=generation_responses(ChatCompletion, ChatCompletionChunk),
+    openapi_extra=json_body(ChatCompletionRequest),
+)
 async def chat_completions(request: Request) -> Response:
     return await _generate(request, ChatCompletionRequest)
 
 
-@api.post("/completions")
+@api.post(
+    "/completions",
+    responses=generation_responses(Completion, Completion),
+    openapi_extra=json_body(CompletionRequest),
+)
 async def completions(request: Request) -> Response:
     return await _generate(request, CompletionRequest)
 
 
-@api.post("/embeddings")
+@api.post(
+    "/embeddings",
+    responses={
+        200: {"model": embeddings.EmbeddingList, "description": "One vector per input, in input order"},
+        **error_responses(*READS_BODY, *NAMES_MODEL, *RUNS_MODEL),
+    },
+    openapi_extra=json_body(embeddings.EmbeddingRequest),
+)
 async def create_embeddings(request: Request) -> Response:
     """Embeddings from an embedding model (server/embeddings.py); a chat model is refused by name."""
     state = app_state(request)
@@ -283,7 +322,7 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[_card(m) for m in app_state(request).registry.models.values()])
 
 
-@api.get("/models/{model_id:path}")
+@api.get("/models/{model_id:path}", responses=error_responses(*NAMES_MODEL))
 async def get_model(request: Request, model_id: str) -> ModelCard:
     return _card(app_state(request).registry.find(model_id))
 
@@ -309,19 +348,38 @@ async def get_plan(request: Request) -> dict[str, Any]:
 # --- operations --------------------------------------------------------------------------------------------
 
 
-@ops.get("/health")
+HealthStatus = Literal["ok", "loading", "error"]
+
+
+class HealthReport(BaseModel):
+    """The body of /health, ready or not."""
+
+    status: HealthStatus
+    models: dict[str, ModelState]  # by alias
+    errors: dict[str, str] | None = None  # why a model failed, by alias; absent when none did
+
+
+@ops.get(
+    "/health",
+    responses={
+        200: {"model": HealthReport, "description": "Every model is loaded"},
+        503: {
+            "model": HealthReport,
+            "description": "A model is still loading (start-up), unloaded, or failed",
+            "headers": RETRY_AFTER_HEADER,
+        },
+    },
+)
 async def health(request: Request) -> JSONResponse:
     """200 when every model is loaded; 503 (with Retry-After) while loading, unloaded, or after a failure."""
     registry = app_state(request).registry
     models = {m.alias: m.state for m in registry.models.values()}
     errors = {m.alias: m.error for m in registry.models.values() if m.error}
-    body: dict[str, Any] = {"models": models}
-    if errors:
-        body["errors"] = errors
-    if registry.ready:
-        return JSONResponse({"status": "ok", **body})
-    status = "error" if registry.failed else "loading"  # start-up loading
-    return JSONResponse({"status": status, **body}, status_code=503, headers={"Retry-After": "5"})
+    status: HealthStatus = "ok" if registry.ready else "error" if registry.failed else "loading"  # start-up loading
+    report = HealthReport(status=status, models=models, errors=errors or None).model_dump(exclude_none=True)
+    if status == "ok":
+        return JSONResponse(report)
+    return JSONResponse(report, status_code=503, headers={"Retry-After": "5"})
 
 
 class ModelAction(BaseModel):
@@ -332,7 +390,21 @@ class ModelAction(BaseModel):
     model: str = Field(min_length=1)
 
 
-@ops.post("/models/load", dependencies=[Depends(require_api_key)])
+@ops.post(
+    "/models/load",
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(
+        *AUTHENTICATED,
+        *READS_BODY,
+        *NAMES_MODEL,
+        *LOADS,
+        descriptions={
+            500: "Loading failed; the message gives llama.cpp's reason",
+            503: "No room for the model: the models that could make room stayed busy (`no_room`)",
+        },
+    ),
+    openapi_extra=json_body(ModelAction),
+)
 async def load_model(request: Request) -> ModelCard:
     """Load a model that is unloaded or whose engine died; returns its card once it is ready."""
     state = app_state(request)
@@ -347,7 +419,12 @@ async def load_model(request: Request) -> ModelCard:
     return _card(model)
 
 
-@ops.post("/models/unload", dependencies=[Depends(require_api_key)])
+@ops.post(
+    "/models/unload",
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(*AUTHENTICATED, *READS_BODY, *NAMES_MODEL),
+    openapi_extra=json_body(ModelAction),
+)
 async def unload_model(request: Request) -> ModelCard:
     """Unload a model: its requests in flight end, its memory is freed."""
     state = app_state(request)
@@ -356,6 +433,15 @@ async def unload_model(request: Request) -> ModelCard:
     return _card(await run_in_threadpool(state.registry.unload_model, action.model))
 
 
-@ops.get("/metrics", dependencies=[Depends(require_api_key)])
+class PrometheusText(Response):
+    media_type = CONTENT_TYPE
+
+
+@ops.get(
+    "/metrics",
+    dependencies=[Depends(require_api_key)],
+    response_class=PrometheusText,
+    responses={200: {"description": "Prometheus text exposition format"}, **error_responses(*AUTHENTICATED)},
+)
 async def metrics(request: Request) -> Response:
-    return Response(app_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    return PrometheusText(app_state(request).metrics.render())

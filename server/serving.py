@@ -423,7 +423,9 @@ async def completion_sse(
             **envelope(prepared),
             choices=[CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=finish)],
         )
-        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+        # finish_reason and logprobs are null until they are known, as in OpenAI's stream (both are required
+        # fields of a completion choice); usage comes only in its own last chunk.
+        return f"data: {body.model_dump_json(exclude={'usage'})}\n\n"
 
     logprobs = _CompletionLogprobs(prepared.top_logprobs, len(prepared.echo_text))
     try:

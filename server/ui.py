@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import FileResponse, Response
 
 from server.errors import NotFoundError
+from server.openapi import AUTHENTICATED, error_responses
 from server.routes import app_state, require_api_key
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -58,7 +59,7 @@ async def page() -> Response:
     return _static("index.html")
 
 
-@ui.get("/ui/stats", dependencies=[Depends(require_api_key)])
+@ui.get("/ui/stats", dependencies=[Depends(require_api_key)], responses=error_responses(*AUTHENTICATED))
 async def stats(request: Request) -> dict[str, Any]:
     """Per model: the live gauges of /metrics plus the time-to-first-token histogram's sum and count."""
     models: dict[str, dict[str, float]] = {}
