@@ -21,6 +21,7 @@ from tuner.llamacpp import load_and_report, query_rpc_devices
 from tuner.memory.kv import layer_kv_bytes
 from tuner.memory.weights import group_tensors
 from tuner.planner import resolve_settings
+from tuner.render import plan_flags
 
 MiB = 1024 * 1024
 
@@ -63,6 +64,7 @@ def test_encoder_batch_defaults_to_the_context(minilm: Path) -> None:
     plan = plan_model(minilm, PlanRequest(), [])
     settings = plan.load_settings()
     assert plan.embeddings and settings.embeddings and settings.pooling == "unspecified"
+    assert "--embeddings" in plan_flags(plan)  # what llama-server needs to serve it
 
 
 @dataclass(frozen=True)

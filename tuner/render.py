@@ -174,6 +174,8 @@ def plan_flags(plan: Plan) -> list[str]:
         flags.append("-kvu")
     if plan.swa_full:
         flags.append("--swa-full")
+    if plan.embeddings:
+        flags.append("--embeddings")  # llama-server serves an embedding model only with it (pooling: the GGUF's)
     flags += ["--fit", "off"]
     return flags
 
