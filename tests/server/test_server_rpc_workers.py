@@ -5,7 +5,8 @@
 - A worker slowed down (stopped and continued in turns, a tc-free throttle) shows in llamasplit_step_seconds.
 - A worker killed with SIGKILL mid-stream: ggml-rpc aborts the engine process that uses it, the stream ends with
   an error within seconds, /health names the worker the model waits for, the server stays up, the model in host
-  RAM finishes its stream and keeps answering, and once the worker is back the model reloads by itself.
+  RAM finishes its stream and keeps answering, a model that shared the dead process but not the dead worker
+  comes back at once, and once the worker is back the model on it reloads by itself.
 - A worker absent at start-up: the server names it and exits 2; with --rpc-optional it plans without it.
 """
 
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.llama
 MiB = 1024 * 1024
 ALIAS = "smol"
 LOCAL = "local"  # the same GGUF again, kept in host RAM (n_gpu_layers 0): it uses no worker
+FIRST = "first"  # and again, whole on the first worker: it shares smol's engine process (the worker's connection)
 NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end-of-text tokens: keep a stream going
 
 
@@ -103,6 +105,7 @@ def bed(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         f"preload_all = true\nthreads = 1\n"
         f'[[models]]\nalias = "{ALIAS}"\npath = "{smollm2}"\ntensor_split = [1, 1]\n'
         f'[[models]]\nalias = "{LOCAL}"\npath = "{smollm2}"\nn_gpu_layers = 0\n'
+        f'[[models]]\nalias = "{FIRST}"\npath = "{smollm2}"\ntensor_split = [1, 0]\n'
     )
     served = start_server(None, [w.endpoint for w in workers], tmp / "serve.log", "--config", str(config))
     try:
@@ -245,7 +248,14 @@ def test_a_worker_killed_mid_stream_fails_only_the_model_on_it_which_comes_back_
     assert health.status_code == 503
     reason = health.json()["errors"][ALIAS]
     assert "engine process died" in reason and f"waiting for RPC worker {workers[1].endpoint}" in reason
-    assert health.json()["models"] == {ALIAS: "failed", LOCAL: "ready"} and LOCAL not in health.json()["errors"]
+    assert workers[0].endpoint not in reason  # the live worker is not waited for
+    assert health.json()["models"][LOCAL] == "ready" and LOCAL not in health.json()["errors"]
+    # The model on the first worker alone died with the shared process, and comes back while the other is down.
+    wait_for(lambda: httpx.get(served.url + "/health").json()["models"][FIRST] == "ready", 90, interval_s=0.2)
+    assert f"{FIRST}: reloading automatically, its RPC workers answer again ({workers[0].endpoint})" in (
+        served.output()
+    )
+    assert chat(served.url, model=FIRST).status_code == 200
     refused = chat(served.url)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_failed"
     assert "Remote RPC server crashed" in served.output()  # ggml-rpc's own words, in the server's log
@@ -265,6 +275,8 @@ def test_a_worker_killed_mid_stream_fails_only_the_model_on_it_which_comes_back_
     endpoints = ", ".join(w.endpoint for w in workers)
     assert f"RPC worker {workers[1].endpoint} answers again" in log
     assert f"{ALIAS}: reloading automatically, its RPC workers answer again ({endpoints})" in log
+    # It reloaded into the process the first model came back in: they share the first worker.
+    assert len(re.findall(rf"{ALIAS} loads in a new engine process", log)) == 1
     assert f"{LOCAL}: its engine process died" not in log and f"{LOCAL}: reloading" not in log
     assert len(re.findall(rf"{LOCAL} loads in a new engine process", log)) == 1  # never restarted
     reply = chat(served.url)
