@@ -36,6 +36,8 @@ from tuner.model import ModelInfo, TensorInfo
 _EMBD_SCALED = frozenset({"gemma", "gemma2", "gemma3", "gemma-embedding"})
 # Architectures that cap the final logits with scale -> tanh -> scale (all in place).
 _LOGIT_SOFTCAP = frozenset({"gemma2"})
+# Architectures whose attention residual is ggml_add(residual, attention) rather than (attention, residual).
+_RESIDUAL_FIRST = frozenset({"openelm"})
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,8 @@ class _Decoder:
             inpSA = _get_rows(inpSA, out_ids)
         if w["attn_post_norm"] is not None:
             cur = self.norm(cur, w["attn_post_norm"], home)
-        ffn_inp = _dup("ADD", cur, inpSA)
+        # The operand order decides which one an in-place ADD reuses (ggml-alloc tries src[0] first).
+        ffn_inp = _dup("ADD", inpSA, cur) if self.s.arch in _RESIDUAL_FIRST else _dup("ADD", cur, inpSA)
         if w["ffn_gate_inp"] is None and w["ffn_up"] is None:
             return ffn_inp  # no feed-forward network in this block
         cur = self.norm(ffn_inp, w["ffn_norm"], home)
