@@ -55,8 +55,9 @@ def holds_something(device: DevicePlan) -> bool:
 def select_devices(plan: Plan, devices: Sequence[Device]) -> DeviceSelection:
     """The RPC workers ``plan`` (made on ``devices``) uses, and the devices the model is opened with.
 
-    Local devices always stay in the list (llama.cpp lists this machine's GPUs whatever we pass); an RPC worker
-    stays only when one of its devices holds part of the model.
+    This machine's devices always stay (device_list() passes them after the endpoints' devices; without
+    endpoints llama.cpp's default list is exactly them); an RPC worker stays only when one of its devices holds
+    part of the model.
     """
     used_indices = {dp.index for dp in plan.devices if holds_something(dp)}
     used = {devices[i].endpoint for i in used_indices if i < len(devices) and devices[i].endpoint is not None}
