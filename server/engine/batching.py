@@ -372,7 +372,8 @@ class BatchScheduler:
                 continue
             active.generated += 1
             assert active.assembler is not None
-            text = active.assembler.push(token_piece(lc, self._vocab, token, special=False))
+            special = token in request.preserved_tokens  # a tool-call marker the caller parses
+            text = active.assembler.push(token_piece(lc, self._vocab, token, special=special))
             events.append((active.rid, TokenEvent(token, text, logprob(token) if logprob else None, now)))
             if active.assembler.stopped:
                 self._finish(active, events, reason="stop")

@@ -7,6 +7,7 @@ then still answers, in a format it may not know. Rendering runs in Jinja's sandb
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -17,7 +18,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.errors import EngineError, EngineRequestError
-from server.engine.protocol import TemplateSource
+from server.engine.protocol import TemplateFacts, TemplateSource
 
 # ChatML: the most common template; SmolLM2 and Qwen use it. Its end marker doubles as a stop string.
 CHATML_TEMPLATE = (
@@ -27,6 +28,31 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHATML_STOP = "<|im_end|>"
+
+# Probes of what a template renders: names no real conversation uses, looked for in the rendered prompt.
+_PROBE_TOOL = "llamasplit_probe_tool"
+_PROBE_CALL = "llamasplit_probe_call"
+_PROBE_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": _PROBE_TOOL,
+            "description": "A probe.",
+            "parameters": {"type": "object", "properties": {"probe": {"type": "string"}}, "required": ["probe"]},
+        },
+    }
+]
+_PROBE_CALL_MESSAGES: list[dict[str, Any]] = [
+    {"role": "user", "content": "Probe."},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "probe0001", "type": "function", "function": {"name": _PROBE_CALL, "arguments": {"probe": "x"}}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "probe0001", "content": "probed"},
+]
 
 
 class _TemplateRaised(Exception):
@@ -80,14 +106,40 @@ class ChatTemplate:
                 pass  # a GGUF template Jinja cannot parse: use the fallback, which the registry logs
         return cls(CHATML_TEMPLATE, "fallback", bos_token=bos_token, eos_token=eos_token)
 
-    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    @functools.cached_property
+    def facts(self) -> TemplateFacts:
+        """What this template renders, found by rendering probe conversations (as minja's capability probes do)."""
+
+        def renders(name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> bool:
+            try:
+                return name in self.render(messages, tools=tools)
+            except EngineRequestError:  # the template refuses the probe: it cannot take such conversations
+                return False
+
+        return TemplateFacts(
+            source=self.source,
+            text=self.text,
+            renders_tools=renders(_PROBE_TOOL, [{"role": "user", "content": "Probe."}], _PROBE_TOOLS),
+            renders_tool_calls=renders(_PROBE_CALL, _PROBE_CALL_MESSAGES, _PROBE_TOOLS),
+        )
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
         """The prompt text; a template that refuses the conversation is the client's 400, naming messages."""
+        # Templates test `tools is defined` or `tools is not none`: without tools the variable stays undefined.
+        extra: dict[str, Any] = {"tools": list(tools)} if tools is not None else {}
         try:
             return self._template.render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except _TemplateRaised as exc:
             raise EngineRequestError(

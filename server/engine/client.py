@@ -36,6 +36,7 @@ from server.engine.protocol import (
     GenerationRequest,
     ModelFacts,
     StepStats,
+    TemplateFacts,
     TemplateSource,
     TokenEvent,
 )
@@ -320,8 +321,10 @@ class WorkerEngine:
     def max_concurrency(self) -> int:
         return self._facts.n_seq_max
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        return self.tokenizer.encode_chat(messages)
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        return self.tokenizer.encode_chat(messages, tools)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode_text(text)
@@ -334,6 +337,9 @@ class WorkerEngine:
 
     def chat_template_source(self) -> TemplateSource:
         return self.tokenizer.template.source
+
+    def chat_template_facts(self) -> TemplateFacts:
+        return self.tokenizer.template.facts
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         return self.tokenizer.prepare(request)

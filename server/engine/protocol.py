@@ -27,9 +27,16 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class OutputConstraint:
-    """Constrain the output to JSON: any object (``schema`` None) or one matching a JSON Schema."""
+    """Constrain the output to JSON: any object (``schema`` None) or one matching a JSON Schema; or to a ready
+    GBNF grammar (``gbnf``: tool calls, server/tools.py) that, given ``triggers``, waits until the generated text
+    matches one of those regular expressions (llama.cpp's lazy grammar) and holds from the match on.
+    ``markers`` are literal texts of that grammar which a model may spell as one special token (Mistral's
+    ``[TOOL_CALLS]``): such tokens keep their text in the output so that the caller can parse it."""
 
     schema: Mapping[str, Any] | None = None
+    gbnf: str | None = None
+    triggers: tuple[str, ...] = ()
+    markers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class GenerationRequest:
     constraint: OutputConstraint | None = None
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob and the top k
     grammar: str | None = None  # GBNF compiled from ``constraint`` by the tokenizer side; the engine uses it
+    preserved_tokens: tuple[int, ...] = ()  # special tokens whose text is kept (from ``constraint.markers``)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,16 @@ class TokenEvent:
 
 FinishReason = Literal["stop", "length"]
 TemplateSource = Literal["config", "gguf", "fallback"]  # where a model's chat template came from
+
+
+@dataclass(frozen=True)
+class TemplateFacts:
+    """A model's chat template as tool calling needs to know it (found by rendering probe conversations)."""
+
+    source: TemplateSource
+    text: str
+    renders_tools: bool  # the template writes the ``tools`` it is given into the prompt
+    renders_tool_calls: bool  # it writes an assistant message's ``tool_calls`` into the prompt
 
 
 @dataclass(frozen=True)
@@ -148,7 +166,10 @@ class Engine(Protocol):
     @property
     def max_concurrency(self) -> int: ...
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """The prompt of a conversation; ``tools`` (OpenAI tool objects) go to the template's ``tools``."""
 
     def encode_text(self, text: str) -> list[int]: ...
 
@@ -159,6 +180,9 @@ class Engine(Protocol):
 
     def chat_template_source(self) -> TemplateSource:
         """Where the chat template came from: "config", "gguf" or "fallback"."""
+
+    def chat_template_facts(self) -> TemplateFacts:
+        """The chat template's text and what it renders (tools, tool calls)."""
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """Check what only the model can judge (token ids, schema grammar) and compile the grammar.

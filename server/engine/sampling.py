@@ -7,6 +7,7 @@ row of the batch's logits.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 from collections.abc import Callable
@@ -87,7 +88,17 @@ def sampler_chain(lc: Any, vocab: Any, n_vocab: int, n_ctx_seq: int, request: Ge
             lc.llama_sampler_init_penalties(n_vocab, n_ctx_seq, 1.0, s.frequency_penalty, s.presence_penalty),
             "penalties",
         )
-    if request.grammar is not None:
+    triggers = request.constraint.triggers if request.constraint is not None else ()
+    if request.grammar is not None and triggers:
+        # Lazy: free text until a trigger pattern matches, then the grammar holds from the match on (tool calls).
+        patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
+        add(
+            lc.llama_sampler_init_grammar_lazy_patterns(
+                vocab, request.grammar.encode(), b"root", patterns, len(triggers), None, 0
+            ),
+            "lazy grammar",
+        )
+    elif request.grammar is not None:
         add(lc.llama_sampler_init_grammar(vocab, request.grammar.encode(), b"root"), "grammar")
     if s.temperature == 0.0:
         add(lc.llama_sampler_init_greedy(), "greedy")

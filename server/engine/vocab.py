@@ -63,8 +63,10 @@ class Tokenizer:
         )
         self._grammars = GrammarCache(lc, self._vocab)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        prompt = self.template.render(messages)
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        prompt = self.template.render(messages, tools=tools)
         # Templates that write the BOS text themselves must not get a second BOS from the tokenizer.
         bos = self.template.bos_token
         add_bos = self._add_bos and not (bos and prompt.startswith(bos))
