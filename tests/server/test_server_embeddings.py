@@ -62,16 +62,11 @@ def minilm() -> Path:
     return minilm_path()
 
 
-@pytest.fixture(scope="module")
-def reference(minilm: Path, embed_server: LiveServer) -> dict[str, Any]:
-    """llama.cpp's own embeddings of TEXTS (and their tokens), from llama-cpp-python in a child process, with
-    the server's flash-attention setting (with it, K and V are cast to F16: the vectors differ by ~1e-4)."""
-    plan = httpx.get(f"{embed_server.url}/v1/plan", timeout=30).json()["data"][0]
-    assert plan["model"] == EMBEDDER and plan["load_settings"]["embeddings"]
-    flash_attn = plan["load_settings"]["flash_attn"] == "on"
+def llama_cpp_embeddings(path: Path, texts: list[str], flash_attn: bool) -> dict[str, Any]:
+    """llama-cpp-python's own normalised embeddings of ``texts`` (and their tokens), in a child process."""
     done = subprocess.run(
         [sys.executable, "-c", _REFERENCE],
-        input=json.dumps([str(minilm), TEXTS, flash_attn]),
+        input=json.dumps([str(path), texts, flash_attn]),
         capture_output=True,
         text=True,
         timeout=300,
@@ -79,6 +74,21 @@ def reference(minilm: Path, embed_server: LiveServer) -> dict[str, Any]:
     )
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+@pytest.fixture(scope="module")
+def server_flash_attn(embed_server: LiveServer) -> bool:
+    """Whether the server opened the embedding model with flash attention (then K and V are cast to F16, and
+    the vectors differ from the unfused kernel's by ~1e-4): the reference must use the same."""
+    plan = httpx.get(f"{embed_server.url}/v1/plan", timeout=30).json()["data"][0]
+    assert plan["model"] == EMBEDDER and plan["load_settings"]["embeddings"]
+    return bool(plan["load_settings"]["flash_attn"] == "on")
+
+
+@pytest.fixture(scope="module")
+def reference(minilm: Path, server_flash_attn: bool) -> dict[str, Any]:
+    """llama.cpp's own embeddings of TEXTS, with the server's flash-attention setting."""
+    return llama_cpp_embeddings(minilm, TEXTS, server_flash_attn)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +182,22 @@ def test_concurrent_requests_are_encoded_together_correctly(client: openai.OpenA
     for index, vectors in enumerate(answers):
         expected = reference["vectors"][index:] + reference["vectors"][:index]
         assert_same_vectors(vectors, expected)
+
+
+def test_inputs_past_one_batch_are_packed_into_several(
+    client: openai.OpenAI, minilm: Path, server_flash_attn: bool
+) -> None:
+    """Twelve inputs of ~150 tokens: three fill the 512-token batch, so the engine encodes four batches, packed
+    as llama-cpp-python's embed() packs them (in order, up to n_batch tokens), and gets its vectors. (With flash
+    attention llama.cpp's own vector of an input moves by ~5e-5 with its batch-mates, so the same packing is
+    what makes them comparable to 2e-6.)"""
+    texts = [f"{n} " + " ".join(TEXTS) * 3 for n in range(12)]
+    together = client.embeddings.create(model=EMBEDDER, input=texts, encoding_format="float")
+    expected = llama_cpp_embeddings(minilm, texts, server_flash_attn)
+    assert together.usage.prompt_tokens == sum(len(t) for t in expected["tokens"])
+    assert all(len(t) > 128 for t in expected["tokens"])  # at most three per batch
+    assert_same_vectors([item.embedding for item in together.data], expected["vectors"])
+    assert not np.allclose(expected["vectors"][0], expected["vectors"][1], atol=1e-3)  # each input its own
 
 
 def test_dimensions_is_refused_unless_it_is_the_models_width(client: openai.OpenAI) -> None:
