@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from server.allocation import MemoryReport
 from tuner import Plan
-from tuner.llamacpp import BufferReport
-from tuner.llamacpp.device_usage import DeviceUsage
+from tuner.llamacpp import BufferReport, DeviceUsage
 
 
 def fill_tensor_actuals(plan: Plan, memory: MemoryReport, report: BufferReport) -> tuple[Plan, MemoryReport]:

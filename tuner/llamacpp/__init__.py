@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         capture_llama_log,
         parse_log,
     )
+    from tuner.llamacpp.device_usage import DeviceSample, DeviceUsage
     from tuner.llamacpp.libs import llama_cpp_module
     from tuner.llamacpp.load import describe_exit, load_and_report
     from tuner.llamacpp.open import (
@@ -55,6 +56,8 @@ _MODULE_OF = {
     "UsedDevice": "buffer_log",
     "capture_llama_log": "buffer_log",
     "parse_log": "buffer_log",
+    "DeviceSample": "device_usage",
+    "DeviceUsage": "device_usage",
     "GGML_TYPE_IDS": "open",
     "LoadError": "open",
     "OpenedModel": "open",
@@ -84,6 +87,8 @@ __all__ = [
     "LOG_ROUNDING_BYTES",
     "BufferReport",
     "BufferSizes",
+    "DeviceSample",
+    "DeviceUsage",
     "KvCacheSummary",
     "LoadError",
     "LocalDevice",
