@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ import pytest
 from server.app import create_app
 from tests.kit.encoders import TINY_NOMIC_BERT, write_encoder_gguf
 from tests.kit.minilm import minilm_path
-from tests.server.support import LiveServer, make_settings, serve_cli
+from tests.server.support import LiveServer, make_settings, serve_cli, wait_for
 
 pytestmark = pytest.mark.llama
 
@@ -295,3 +296,22 @@ def test_served_over_two_rpc_devices_as_planned(minilm: Path, reference: dict[st
         assert actual["model_bytes"] == device["predicted_weights_bytes"], device
         assert actual["kv_bytes"] == device["predicted_kv_bytes"] == 0, device
         assert actual["compute_bytes"] == device["predicted_compute_bytes"], device
+
+
+def test_a_killed_embedding_engine_fails_requests_and_the_model_loads_again(
+    http: httpx.Client, embed_server: LiveServer, reference: dict[str, Any]
+) -> None:
+    """Like any other model: its engine process dying turns it "failed" (a 503 naming why) and
+    POST /models/load brings it back. (Last in this file: it kills the module's embedding engine.)"""
+    registry = embed_server.app.state.llamasplit.registry
+    worker = registry.worker_of(EMBEDDER)
+    assert worker is not None
+    worker.kill(signal.SIGKILL)
+    wait_for(lambda: registry.find(EMBEDDER).state == "failed", 30)
+    refused = http.post("/v1/embeddings", json={"model": EMBEDDER, "input": TEXTS})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "model_failed" and "engine process died" in refused.text
+    assert http.post("/models/load", json={"model": EMBEDDER}).json()["status"] == "ready"
+    again = http.post("/v1/embeddings", json={"model": EMBEDDER, "input": TEXTS})
+    assert again.status_code == 200
+    assert_same_vectors([item["embedding"] for item in again.json()["data"]], reference["vectors"])
