@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import __version__
 from server.auth import ApiKeyChecker
 from server.config import Settings
-from server.engine import EngineStats, StepStats
+from server.engine import EngineError, EngineStats, StepStats
 from server.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
@@ -86,6 +86,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
         return error_response(exc)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_request: Request, exc: EngineError) -> JSONResponse:
+        # A request the model refused (EngineRequestError, a 400) or an engine that failed; handled here and
+        # not by the catch-all below, which Starlette re-raises after answering (dropping the connection).
+        response = error_response(exc)
+        if response.status_code >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,7 +1,7 @@
 """The OpenAI API as pydantic models: requests validated against the API reference's ranges, and responses.
 
 Requests are strict (no string-to-number coercion) and reject unknown fields, as the OpenAI API does.
-Parameters that this server recognises but cannot honour (function calling, n > 1, suffix) are refused with
+Parameters that this server recognises but cannot honour (audio, predicted outputs, suffix) are refused with
 a message that names them, never silently ignored. llama.cpp's extra sampling knobs (top_k, min_p) are
 accepted as vLLM and llama-server accept them.
 """
@@ -20,6 +20,7 @@ from server.errors import InvalidRequestError
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_CHOICES = 128
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -204,11 +205,40 @@ class _SamplingRequest(_Strict):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    n: PositiveInt | None = None
+    # Choices per request; the model's sequences (--parallel) are the real limit, checked in serving.py.
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # llama-server's own request fields that clients send (docs/SERVER.md, "llama.cpp's request fields"):
+    # honoured where this server can mean the same, refused by name where it cannot; never ignored.
+    cache_prompt: bool | None = None
+    grammar: Annotated[str, Field(min_length=1)] | None = None
+    json_schema: dict[str, Any] | None = None
+    id_slot: Any = None
+    n_probs: Any = None
+    timings_per_token: Any = None
+
+    _no_id_slot = field_validator("id_slot")(
+        _unsupported(
+            "id_slot (choosing llama-server's slot)",
+            "remove it: the engine picks the sequence itself, and a returning conversation gets the sequence "
+            "that holds its prefix",
+        )
+    )
+    _no_n_probs = field_validator("n_probs")(
+        _unsupported(
+            "n_probs (llama-server's completion_probabilities)",
+            "ask with OpenAI's logprobs / top_logprobs instead",
+        )
+    )
+    _no_timings = field_validator("timings_per_token")(
+        _unsupported(
+            "timings_per_token (llama-server's per-chunk timings)",
+            "remove it: time to first token and inter-token latency are in /metrics",
+        )
+    )
 
     @field_validator("stop")
     @classmethod
@@ -227,17 +257,27 @@ class _SamplingRequest(_Strict):
                 raise ValueError(f"key {key!r} is not a token id (a non-negative integer as a string)")
         return value
 
-    @field_validator("n")
-    @classmethod
-    def _n_is_one(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise ValueError(f"n={value} is not supported; this server returns one choice per request (n=1)")
-        return value
-
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        return self
+
+    @model_validator(mode="after")
+    def _one_output_constraint(self) -> _SamplingRequest:
+        given = [
+            name
+            for name, value in (
+                ("response_format", self.response_format if not isinstance(self.response_format, TextFormat) else None),
+                ("grammar", self.grammar),
+                ("json_schema", self.json_schema),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise InvalidRequestError(
+                f"{' and '.join(given)} both constrain the output; send only one of them", param=given[1]
+            )
         return self
 
     def stop_list(self) -> tuple[str, ...]:

@@ -228,7 +228,7 @@ async def _generate(
         prepared = await run_in_threadpool(serving.prepare_completion, parsed, model, received_s)
         whole, sse = serving.completion, serving.completion_sse
     assert model.queue is not None
-    admission = model.queue.reserve()
+    admission = model.queue.reserve(prepared.generation.n)
     events = serving.events(prepared, admission, state.metrics)
     if parsed.stream:
         body_iter = sse(prepared, events)

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,9 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s:
         stop=stop,
         constraint=output_constraint(request),
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        n=request.n or 1,
+        grammar=request.grammar,
+        cache_prompt=request.cache_prompt is not False,
     )
     return Prepared(
         model=model,
@@ -145,6 +148,9 @@ def prepare_completion(request: CompletionRequest, model: ServedModel, received_
         stop=request.stop_list(),
         constraint=output_constraint(request),
         logprobs=request.logprobs,
+        n=request.n or 1,
+        grammar=request.grammar,
+        cache_prompt=request.cache_prompt is not False,
     )
     return Prepared(
         model=model,
@@ -236,6 +242,8 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, model: S
 
 
 def output_constraint(request: ChatCompletionRequest | CompletionRequest) -> OutputConstraint | None:
+    if request.json_schema is not None:  # llama-server's top-level field: the same as a json_schema format
+        return OutputConstraint(schema=request.json_schema)
     fmt = request.response_format
     if isinstance(fmt, JSONObjectFormat):
         return OutputConstraint(schema=None)
@@ -247,9 +255,7 @@ def output_constraint(request: ChatCompletionRequest | CompletionRequest) -> Out
 # --- running ---------------------------------------------------------------------------------------------
 
 
-async def events(
-    prepared: Prepared, admission: Admission, metrics: Metrics
-) -> AsyncGenerator[GenerationEvent, None]:
+async def events(prepared: Prepared, admission: Admission, metrics: Metrics) -> AsyncGenerator[GenerationEvent, None]:
     """Wait for a slot, run the engine, record metrics; closing this iterator cancels the generation."""
     model = prepared.model
     engine = prepared.engine
@@ -259,36 +265,69 @@ async def events(
     generated, prompt_tokens = metrics.generated_tokens.labels(label), metrics.prompt_tokens.labels(label)
     async with admission:
         stream = engine.generate(prepared.generation)
-        last_s: float | None = None
-        finished = False
+        last_s: dict[int, float] = {}  # per choice: inter-token latency is within one choice's stream
+        prompt_counted = False  # the prompt is decoded once, whatever n is
+        choices_left = prepared.generation.n
         try:
             async for event in stream:
+                if not prompt_counted:
+                    prompt_counted = True
+                    prompt_tokens.inc(len(prepared.generation.prompt_tokens))
                 if isinstance(event, TokenEvent):
-                    if last_s is None:
+                    previous = last_s.get(event.index)
+                    if not last_s:
                         ttft.observe(max(event.time_s - prepared.received_s, 0.0))
-                        prompt_tokens.inc(len(prepared.generation.prompt_tokens))
-                    else:
-                        itl.observe(max(event.time_s - last_s, 0.0))
-                    last_s = event.time_s
+                    elif previous is not None:
+                        itl.observe(max(event.time_s - previous, 0.0))
+                    last_s[event.index] = event.time_s
                     generated.inc()
-                elif last_s is None:  # finished without a token (EOS first)
-                    prompt_tokens.inc(event.prompt_tokens)
-                finished = finished or isinstance(event, FinishEvent)
+                else:
+                    choices_left -= 1
                 yield event
         finally:
-            if not finished:
+            if choices_left > 0:
                 metrics.cancelled.labels(label).inc()
             await stream.aclose()
             model.touch()
 
 
-def usage(finish: FinishEvent) -> Usage:
+def usage(finishes: Sequence[FinishEvent]) -> Usage:
+    """One request's usage: its prompt once (decoded once for all n choices), every choice's completion."""
+    first = finishes[0]
+    completion_tokens = sum(f.completion_tokens for f in finishes)
     return Usage(
-        prompt_tokens=finish.prompt_tokens,
-        completion_tokens=finish.completion_tokens,
-        total_tokens=finish.prompt_tokens + finish.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=finish.cached_tokens),
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=first.prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=first.cached_tokens),
     )
+
+
+@dataclass
+class _Choice:
+    """What one choice of a non-streamed response has gathered."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+
+async def gather_choices(
+    n: int, stream: AsyncIterator[GenerationEvent], on_logprob: Callable[[TokenLogprob], Any]
+) -> tuple[list[_Choice], list[FinishEvent]]:
+    """Collect a non-streamed response's choices by index; ``on_logprob`` converts each token's logprob."""
+    choices = [_Choice() for _ in range(n)]
+    async for event in stream:
+        choice = choices[event.index]
+        choice.text.append(event.text)
+        if isinstance(event, TokenEvent):
+            if event.logprob is not None:
+                choice.logprobs.append(on_logprob(event.logprob))
+        else:
+            choice.finish = event
+    finishes = [c.finish for c in choices if c.finish is not None]
+    assert len(finishes) == n, "the engine ended a request before every choice finished"
+    return choices, finishes
 
 
 def chat_logprob(lp: TokenLogprob, top_n: int) -> TokenLogprobEntry:
@@ -301,29 +340,21 @@ def chat_logprob(lp: TokenLogprob, top_n: int) -> TokenLogprobEntry:
 
 
 async def chat_completion(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> ChatCompletion:
-    text: list[str] = []
-    logprobs: list[TokenLogprobEntry] = []
-    finish: FinishEvent | None = None
-    async for event in stream:
-        if isinstance(event, TokenEvent):
-            text.append(event.text)
-            if event.logprob is not None:
-                logprobs.append(chat_logprob(event.logprob, prepared.top_logprobs))
-        else:
-            text.append(event.text)
-            finish = event
-    assert finish is not None
+    choices, finishes = await gather_choices(
+        prepared.generation.n, stream, lambda lp: chat_logprob(lp, prepared.top_logprobs)
+    )
     return ChatCompletion(
         **envelope(prepared),
         choices=[
             ChatChoice(
-                index=0,
-                message=AssistantReply(content="".join(text)),
-                logprobs=ChoiceLogprobs(content=logprobs) if prepared.generation.logprobs is not None else None,
-                finish_reason=finish.finish_reason,
+                index=index,
+                message=AssistantReply(content="".join(choice.text)),
+                logprobs=ChoiceLogprobs(content=choice.logprobs) if prepared.generation.logprobs is not None else None,
+                finish_reason=finishes[index].finish_reason,
             )
+            for index, choice in enumerate(choices)
         ],
-        usage=usage(finish),
+        usage=usage(finishes),
     )
 
 
@@ -331,40 +362,46 @@ async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -
     """SSE events of a streamed chat completion, ending in ``data: [DONE]`` (or an error event)."""
 
     def chunk(
-        delta: ChatDelta, finish: FinishReason | None = None, logprobs: list[TokenLogprobEntry] | None = None
+        delta: ChatDelta,
+        finish: FinishReason | None = None,
+        logprobs: list[TokenLogprobEntry] | None = None,
+        index: int = 0,
     ) -> str:
         choice = ChatChunkChoice(
-            index=0,
+            index=index,
             delta=delta,
             finish_reason=finish,
             logprobs=ChoiceLogprobs(content=logprobs) if logprobs is not None else None,
         )
-        body = ChatCompletionChunk(
-            **envelope(prepared), choices=[choice]
-        )
+        body = ChatCompletionChunk(**envelope(prepared), choices=[choice])
         return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
 
     # The chunk of a plain token is the same JSON for every token but its text: serialise it once and splice
     # each token's text in (the per-token path runs once per token of every stream, on the event loop).
-    head, tail = chunk(ChatDelta(content=_SPLICE)).split(json.dumps(_SPLICE))
+    # One template per choice index (n > 1 interleaves the choices' chunks).
+    splices = [
+        chunk(ChatDelta(content=_SPLICE), index=i).split(json.dumps(_SPLICE)) for i in range(prepared.generation.n)
+    ]
+    finishes: list[FinishEvent] = []
     try:
-        yield chunk(ChatDelta(role="assistant", content=""))
+        for index in range(prepared.generation.n):
+            yield chunk(ChatDelta(role="assistant", content=""), index=index)
         async for event in stream:
             if isinstance(event, TokenEvent):
                 if event.logprob is not None:
                     lps = [chat_logprob(event.logprob, prepared.top_logprobs)]
-                    yield chunk(ChatDelta(content=event.text), logprobs=lps)
+                    yield chunk(ChatDelta(content=event.text), logprobs=lps, index=event.index)
                 elif event.text:
+                    head, tail = splices[event.index]
                     yield head + json.dumps(event.text, ensure_ascii=False) + tail
                 continue
             if event.text:
-                yield chunk(ChatDelta(content=event.text))
-            yield chunk(ChatDelta(), finish=event.finish_reason)
-            if prepared.include_usage:
-                body = ChatCompletionChunk(
-                    **envelope(prepared), choices=[], usage=usage(event)
-                )
-                yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+                yield chunk(ChatDelta(content=event.text), index=event.index)
+            yield chunk(ChatDelta(), finish=event.finish_reason, index=event.index)
+            finishes.append(event)
+        if prepared.include_usage and finishes:
+            body = ChatCompletionChunk(**envelope(prepared), choices=[], usage=usage(finishes))
+            yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
         yield DONE
     except Exception as exc:  # the status line is sent: report the failure in-band
         yield sse_error(exc)
@@ -390,59 +427,63 @@ class _CompletionLogprobs:
 
 
 async def completion(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> Completion:
-    text = [prepared.echo_text]
-    logprobs = _CompletionLogprobs(prepared.top_logprobs, len(prepared.echo_text))
-    finish: FinishEvent | None = None
+    n = prepared.generation.n
+    logprobs = [_CompletionLogprobs(prepared.top_logprobs, len(prepared.echo_text)) for _ in range(n)]
+    texts: list[list[str]] = [[prepared.echo_text] for _ in range(n)]
+    finishes: dict[int, FinishEvent] = {}
     async for event in stream:
-        text.append(event.text)
+        texts[event.index].append(event.text)
         if isinstance(event, TokenEvent):
             if event.logprob is not None:
-                logprobs.add(event.logprob)
+                logprobs[event.index].add(event.logprob)
         else:
-            finish = event
-    assert finish is not None
+            finishes[event.index] = event
+    assert len(finishes) == n, "the engine ended a request before every choice finished"
     return Completion(
         **envelope(prepared),
         choices=[
             CompletionChoice(
-                index=0,
-                text="".join(text),
-                logprobs=logprobs.value if prepared.generation.logprobs is not None else None,
-                finish_reason=finish.finish_reason,
+                index=index,
+                text="".join(texts[index]),
+                logprobs=logprobs[index].value if prepared.generation.logprobs is not None else None,
+                finish_reason=finishes[index].finish_reason,
             )
+            for index in range(n)
         ],
-        usage=usage(finish),
+        usage=usage([finishes[i] for i in range(n)]),
     )
 
 
-async def completion_sse(
-    prepared: Prepared, stream: AsyncIterator[GenerationEvent]
-) -> AsyncGenerator[str, None]:
-    def chunk(text: str, finish: FinishReason | None = None, logprobs: CompletionLogprobs | None = None) -> str:
+async def completion_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -> AsyncGenerator[str, None]:
+    def chunk(
+        text: str, finish: FinishReason | None = None, logprobs: CompletionLogprobs | None = None, index: int = 0
+    ) -> str:
         body = Completion(
             **envelope(prepared),
-            choices=[CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=finish)],
+            choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)],
         )
         # finish_reason and logprobs are null until they are known, as in OpenAI's stream (both are required
         # fields of a completion choice); usage comes only in its own last chunk.
         return f"data: {body.model_dump_json(exclude={'usage'})}\n\n"
 
-    logprobs = _CompletionLogprobs(prepared.top_logprobs, len(prepared.echo_text))
+    n = prepared.generation.n
+    logprobs = [_CompletionLogprobs(prepared.top_logprobs, len(prepared.echo_text)) for _ in range(n)]
+    finishes: list[FinishEvent] = []
     try:
         if prepared.echo_text:
-            yield chunk(prepared.echo_text)
+            for index in range(n):
+                yield chunk(prepared.echo_text, index=index)
         async for event in stream:
             if isinstance(event, TokenEvent):
-                one = logprobs.add(event.logprob) if event.logprob is not None else None
+                one = logprobs[event.index].add(event.logprob) if event.logprob is not None else None
                 if event.text or one is not None:
-                    yield chunk(event.text, logprobs=one)
+                    yield chunk(event.text, logprobs=one, index=event.index)
                 continue
-            yield chunk(event.text, finish=event.finish_reason)
-            if prepared.include_usage:
-                body = Completion(
-                    **envelope(prepared), choices=[], usage=usage(event)
-                )
-                yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+            yield chunk(event.text, finish=event.finish_reason, index=event.index)
+            finishes.append(event)
+        if prepared.include_usage and finishes:
+            body = Completion(**envelope(prepared), choices=[], usage=usage(finishes))
+            yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
         yield DONE
     except Exception as exc:
         yield sse_error(exc)

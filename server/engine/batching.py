@@ -6,10 +6,11 @@ threads only ``submit`` and ``cancel``. Each step:
 
   Step 1: take new requests and cancellations from the inbox. A cancelled request's sequence is cleared
           from the KV cache at once.
-  Step 2: admit waiting requests, first come first served, while a sequence is free. A sequence whose cached
-          tokens the prompt continues (the next turn of its chat) or repeats is taken, the longest shared
-          prefix first; otherwise the least recently used idle one, so that a new conversation evicts the
-          oldest cache rather than one that merely shares the system prompt.
+  Step 2: admit waiting requests, first come first served, while a sequence is free (a request for n
+          choices waits for n). A sequence whose cached tokens the prompt continues (the next turn of its
+          chat) or repeats is taken, the longest shared prefix first; otherwise the least recently used idle
+          one, so that a new conversation evicts the oldest cache rather than one that merely shares the
+          system prompt. The other n - 1 choices take the least recently used idle sequences and wait.
   Step 3: build the batch: the last sampled token of every generating request first (one each, so streams
           never wait for prompts), then prompt chunks in admission order until the step's token budget
           (``step_tokens``, one physical batch by default) is spent: a 4,000-token prompt is prefilled over
@@ -18,14 +19,17 @@ threads only ``submit`` and ``cancel``. Each step:
           sequences' caches, oldest first; if that is not enough, the most recently admitted request gives
           way: a prompt still prefilling goes back to the head of the queue, a generating one ends with
           finish reason "length". A decode error fails only the requests in that batch.
-  Step 5: sample every request whose row has logits, each with its own sampler chain; stop on end of
-          generation, a stop string, max_tokens or the sequence's context; hand all events of the step to
-          ``emit`` in one call.
+  Step 5: a prompt with n choices that has just been decoded is copied to its other n - 1 sequences
+          (llama_memory_seq_cp: the prompt is decoded once), which sample from the same logits. Then sample
+          every sequence whose row has logits, each with its own sampler chain; stop on end of generation, a
+          stop string, max_tokens or the sequence's context; hand all events of the step to ``emit`` in
+          one call.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -69,12 +73,16 @@ class _Slot:
 
 @dataclass
 class _Active:
-    """A request holding a slot."""
+    """One choice of a request, holding a slot."""
 
     rid: int
     request: GenerationRequest
     slot: _Slot
     admitted: int  # admission order: the youngest gives way when the shared cache is full
+    index: int = 0  # the choice (0 .. n-1); choice 0 decodes the prompt for all of them
+    # Choices 1 .. n-1 wait for choice 0's prompt (``leader``); choice 0 lists those still waiting.
+    leader: _Active | None = None
+    followers: list[_Active] = field(default_factory=list)
     cached: int = 0  # prompt tokens reused from the slot's cache
     chain: Any = None  # llama_sampler * (the request's own chain)
     assembler: TextAssembler | None = None
@@ -84,8 +92,12 @@ class _Active:
     row: int = -1  # this step's batch row that carries its logits, -1 when none
 
     @property
+    def key(self) -> tuple[int, int]:
+        return (self.rid, self.index)
+
+    @property
     def prefilling(self) -> bool:
-        return self.pending is None and len(self.slot.tokens) < len(self.request.prompt_tokens)
+        return self.pending is None and self.leader is None and len(self.slot.tokens) < len(self.request.prompt_tokens)
 
 
 class BatchScheduler:
@@ -127,7 +139,7 @@ class BatchScheduler:
         self._batch = lc.llama_batch_init(max(self.step_tokens, n_seq), 0, 1)
         self._slots = [_Slot(i) for i in range(n_seq)]
         self._waiting: collections.deque[tuple[int, GenerationRequest]] = collections.deque()
-        self._active: dict[int, _Active] = {}
+        self._active: dict[tuple[int, int], _Active] = {}
         self._admitted = 0
         self._steps = 0
         self._inbox: collections.deque[tuple[str, int, GenerationRequest | None]] = collections.deque()
@@ -185,7 +197,13 @@ class BatchScheduler:
             self._lc.llama_batch_free(self._batch)
 
     def _has_work(self) -> bool:
-        return bool(self._active) or (bool(self._waiting) and self._free_slot_exists() and not self._wait_for_room)
+        return bool(self._active) or self._can_admit()
+
+    def _can_admit(self) -> bool:
+        """The head of the queue can have its sequences now (n of them for n choices)."""
+        if not self._waiting or self._wait_for_room:
+            return False
+        return sum(1 for slot in self._slots if slot.active is None) >= self._waiting[0][1].n
 
     def step(self, inbox: Sequence[tuple[str, int, GenerationRequest | None]] = ()) -> None:
         """One scheduler step (Steps 1 to 5 of the module docstring)."""
@@ -193,11 +211,15 @@ class BatchScheduler:
         # Step 1: the inbox.
         for kind, rid, request in inbox:
             if kind == "submit" and request is not None:
+                if request.n > len(self._slots):  # it could never be admitted, and would block the queue
+                    message = f"n={request.n} choices need {request.n} sequences; the model has {len(self._slots)}"
+                    events.append((rid, ErrorEvent(message)))
+                    continue
                 self._waiting.append((rid, request))
             elif kind == "cancel":
                 self._cancel(rid)
         # Step 2: admission.
-        while self._waiting and self._free_slot_exists() and not self._wait_for_room:
+        while self._can_admit():
             rid, request = self._waiting.popleft()
             try:
                 self._admit(rid, request)
@@ -238,27 +260,50 @@ class BatchScheduler:
         self._last_stats = self.stats()
         self._emit(events, stats, self._last_stats)
 
-    def _free_slot_exists(self) -> bool:
-        return any(slot.active is None for slot in self._slots)
-
     def _admit(self, rid: int, request: GenerationRequest) -> None:
         prompt = list(request.prompt_tokens)
-        slot, kept = self._choose_slot(prompt)
         self._admitted += 1
-        active = _Active(rid=rid, request=request, slot=slot, admitted=self._admitted, cached=kept)
-        room = self.facts.n_ctx_seq - len(prompt)
+        slot, kept = self._choose_slot(prompt, reuse=request.cache_prompt)
+        leader = self._take(rid, request, slot, 0)
+        leader.cached = kept
+        try:
+            for index in range(1, request.n):
+                spare = min((s for s in self._slots if s.active is None), key=lambda s: s.last_used_s)
+                # Its cache is replaced by a copy of the prompt's once choice 0 has decoded it.
+                self._lc.llama_memory_seq_rm(self._mem, spare.seq_id, -1, -1)
+                spare.tokens.clear()
+                follower = self._take(rid, request, spare, index)
+                follower.leader = leader
+                leader.followers.append(follower)
+        except EngineError:
+            self._release(leader, clear=False)  # and the choices taken so far
+            raise
+
+    def _take(self, rid: int, request: GenerationRequest, slot: _Slot, index: int) -> _Active:
+        """Choice ``index`` of the request takes ``slot``, with its own sampler chain (seed + index)."""
+        active = _Active(rid=rid, request=request, slot=slot, admitted=self._admitted, index=index)
+        room = self.facts.n_ctx_seq - len(request.prompt_tokens)
         active.limit = room if request.max_tokens is None else min(request.max_tokens, room)
         active.assembler = TextAssembler(request.stop)
-        active.chain = sampler_chain(self._lc, self._vocab, self.facts.n_vocab, self.facts.n_ctx_seq, request)
+        own = request
+        if index:
+            own = dataclasses.replace(
+                request, sampling=dataclasses.replace(request.sampling, seed=request.sampling.seed + index)
+            )
+        active.chain = sampler_chain(self._lc, self._vocab, self.facts.n_vocab, self.facts.n_ctx_seq, own)
         slot.active = active
         slot.last_used_s = time.monotonic()
-        self._active[rid] = active
+        self._active[active.key] = active
+        return active
 
-    def _choose_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
-        """The idle slot for ``prompt`` (Step 2's rule), its cache trimmed to the shared prefix; (slot, kept)."""
+    def _choose_slot(self, prompt: list[int], *, reuse: bool = True) -> tuple[_Slot, int]:
+        """The idle slot for ``prompt`` (Step 2's rule), its cache trimmed to the shared prefix; (slot, kept).
+        Without ``reuse`` the least recently used slot, emptied."""
         idle = [s for s in self._slots if s.active is None]
 
         def shared(slot: _Slot) -> int:
+            if not reuse:
+                return 0
             n = 0
             for a, b in zip(slot.tokens, prompt, strict=False):
                 if a != b:
@@ -297,7 +342,7 @@ class BatchScheduler:
             active.row = n - 1 if logits_last else -1
             entries.append((active, len(tokens)))
 
-        ordered = sorted(self._active.values(), key=lambda a: a.admitted)
+        ordered = sorted(self._active.values(), key=_order)
         for active in ordered:
             active.row = -1
             if active.pending is not None:
@@ -340,8 +385,9 @@ class BatchScheduler:
             self._lc.llama_memory_seq_rm(self._mem, oldest.seq_id, -1, -1)
             oldest.tokens.clear()
             return True
-        youngest = max(self._active.values(), key=lambda a: a.admitted)
-        if youngest.prefilling and len(self._active) > 1:
+        # A choice still waiting for its prompt holds no cells of its own: it cannot give any back.
+        youngest = max((a for a in self._active.values() if a.leader is None), key=_order)
+        if youngest.prefilling and any(a.rid != youngest.rid for a in self._active.values()):
             # Its prompt goes back to the head of the queue and is prefilled again once others finish.
             self._release(youngest, clear=True)
             self._waiting.appendleft((youngest.rid, youngest.request))
@@ -358,7 +404,10 @@ class BatchScheduler:
 
     def _sample(self, events: list[tuple[int, Event]]) -> None:
         lc = self._lc
-        for active in sorted(self._active.values(), key=lambda a: a.admitted):
+        for active in list(self._active.values()):
+            if active.followers and active.row >= 0:
+                self._fork(active)
+        for active in sorted(self._active.values(), key=_order):
             if active.row < 0:
                 continue
             request = active.request
@@ -374,13 +423,24 @@ class BatchScheduler:
             assert active.assembler is not None
             special = token in request.preserved_tokens  # a tool-call marker the caller parses
             text = active.assembler.push(token_piece(lc, self._vocab, token, special=special))
-            events.append((active.rid, TokenEvent(token, text, logprob(token) if logprob else None, now)))
+            events.append((active.rid, TokenEvent(token, text, logprob(token) if logprob else None, now, active.index)))
             if active.assembler.stopped:
                 self._finish(active, events, reason="stop")
             elif active.generated >= active.limit:
                 self._finish(active, events, reason="length")
             else:
                 active.pending = token
+
+    def _fork(self, leader: _Active) -> None:
+        """The prompt of a request with n choices is in the leader's cache: copy it to the other choices,
+        which then sample from the leader's logits row in this step."""
+        for follower in leader.followers:
+            self._lc.llama_memory_seq_cp(self._mem, leader.slot.seq_id, follower.slot.seq_id, -1, -1)
+            follower.slot.tokens[:] = leader.slot.tokens
+            follower.cached = leader.cached
+            follower.row = leader.row
+            follower.leader = None
+        leader.followers.clear()
 
     def _finish(
         self,
@@ -408,14 +468,18 @@ class BatchScheduler:
                         completion_tokens=active.generated,
                         cached_tokens=active.cached,
                         note=note,
+                        index=active.index,
                     ),
                 )
             )
         self._release(active, clear=clear)
 
     def _release(self, active: _Active, *, clear: bool) -> None:
-        """The request leaves its slot; ``clear`` also drops the slot's cache (else it stays for reuse)."""
-        self._active.pop(active.rid, None)
+        """The choice leaves its slot; ``clear`` also drops the slot's cache (else it stays for reuse)."""
+        self._active.pop(active.key, None)
+        for follower in active.followers:  # choices still waiting for this prompt cannot go on without it
+            self._release(follower, clear=True)
+        active.followers.clear()
         if active.chain is not None:
             self._lc.llama_sampler_free(active.chain)
             active.chain = None
@@ -427,10 +491,11 @@ class BatchScheduler:
             slot.tokens.clear()
 
     def _cancel(self, rid: int) -> None:
-        active = self._active.get(rid)
-        if active is not None:
-            # The client is gone: its sequence and KV cells are freed now, not kept as a prefix cache.
-            self._release(active, clear=True)
+        choices = [a for a in self._active.values() if a.rid == rid]
+        if choices:
+            # The client is gone: its sequences and KV cells are freed now, not kept as a prefix cache.
+            for active in choices:
+                self._release(active, clear=True)
             self._wait_for_room = False
             return
         self._waiting = collections.deque(item for item in self._waiting if item[0] != rid)
@@ -469,3 +534,8 @@ class BatchScheduler:
             kv_cells_untracked=held - busy - cached,
             steps=self._steps,
         )
+
+
+def _order(active: _Active) -> tuple[int, int]:
+    """Admission order, then choice: the order of rows in a batch and of sampling."""
+    return (active.admitted, active.index)

@@ -295,9 +295,7 @@ class WorkerEngine:
         worker's memory report (BufferReport as JSON). Raises EngineError (or the tuner's DoesNotFitError)."""
         tokenizer = Tokenizer(path, chat_template=chat_template)
         try:
-            result = worker.call(
-                "load", key, str(path), settings.model_dump_json(), list(rpc), step_tokens, seq_limit
-            )
+            result = worker.call("load", key, str(path), settings.model_dump_json(), list(rpc), step_tokens, seq_limit)
         except BaseException:
             tokenizer.close()
             raise
@@ -342,6 +340,13 @@ class WorkerEngine:
         return self.tokenizer.template.facts
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        if request.n > self._facts.n_seq_max:
+            raise EngineRequestError(
+                f"n={request.n} choices run on {request.n} sequences at once, and this model has "
+                f"{self._facts.n_seq_max} (--parallel); ask for at most {self._facts.n_seq_max} or start the "
+                "model with more",
+                param="n",
+            )
         return self.tokenizer.prepare(request)
 
     async def embed(self, inputs: Sequence[Sequence[int]]) -> list[bytes]:
@@ -365,18 +370,23 @@ class WorkerEngine:
             raise EngineError(f"model {self.key} is unloaded")
         rid, stream = self.worker.submit(self.key, request)
         finished = False
+        choices_left = request.n
         try:
             while True:
                 event = await stream.queue.get()
                 if isinstance(event, ErrorEvent):
-                    finished = True
+                    # One choice failed: with n > 1 the others are still running and are cancelled below.
+                    finished = request.n == 1
                     raise EngineDeadError(event.message) if event.dead else EngineError(event.message)
                 if isinstance(event, FinishEvent):
-                    finished = True
+                    choices_left -= 1
+                    finished = choices_left == 0
                     if event.note:
                         log.warning("%s: %s", self.key, event.note)
                     yield event
-                    return
+                    if finished:
+                        return
+                    continue
                 yield event
         finally:
             if finished:

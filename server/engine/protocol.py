@@ -1,7 +1,7 @@
 """What the HTTP layer and an engine exchange: requests, events, statistics and the Engine protocol.
 
 The HTTP layer builds a GenerationRequest (token ids and sampling values, nothing OpenAI-specific) and
-iterates ``engine.generate(request)``, an async iterator of TokenEvent ending in one FinishEvent. Closing the
+iterates ``engine.generate(request)``, an async iterator of TokenEvent ending in one FinishEvent per choice. Closing the
 iterator cancels the generation; the engine frees the sequence at its next step. Every type here is plain
 data (picklable, no llama.cpp, no HTTP), because requests and events cross a process boundary.
 """
@@ -47,7 +47,12 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     constraint: OutputConstraint | None = None
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob and the top k
-    grammar: str | None = None  # GBNF compiled from ``constraint`` by the tokenizer side; the engine uses it
+    # GBNF: the client's own (llama-server's ``grammar`` field), or compiled from ``constraint`` by prepare()
+    grammar: str | None = None
+    # Choices sampled from one decode of the prompt: the engine copies the prompt's cache to n sequences
+    # (llama_memory_seq_cp) and samples choice i with seed + i. Events carry the choice's index.
+    n: int = 1
+    cache_prompt: bool = True  # False: decode the whole prompt again even where a sequence holds its prefix
     preserved_tokens: tuple[int, ...] = ()  # special tokens whose text is kept (from ``constraint.markers``)
 
 
@@ -74,6 +79,7 @@ class TokenEvent:
     text: str
     logprob: TokenLogprob | None
     time_s: float  # time.perf_counter() when it was sampled (CLOCK_MONOTONIC: comparable across processes)
+    index: int = 0  # the choice it belongs to (0 .. n-1)
 
 
 FinishReason = Literal["stop", "length"]
@@ -98,6 +104,7 @@ class FinishEvent:
     completion_tokens: int
     cached_tokens: int  # prompt tokens whose KV cache was reused
     note: str | None = None  # why a generation ended early (the shared KV cache ran full), for the log
+    index: int = 0  # the choice it ends; a request with n choices ends after n FinishEvents
 
 
 @dataclass(frozen=True)

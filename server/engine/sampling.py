@@ -52,17 +52,24 @@ class GrammarCache:
                     f"the JSON schema cannot be turned into a grammar: {type(exc).__name__}: {exc}",
                     param=_SCHEMA_PARAM,
                 ) from exc
-        sampler = self._lc.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
-        if not sampler:
-            raise EngineRequestError(
-                "the JSON schema produced a grammar llama.cpp rejects; simplify the schema", param=_SCHEMA_PARAM
-            )
-        self._lc.llama_sampler_free(sampler)
+        self.check(
+            gbnf, param=_SCHEMA_PARAM, what="the JSON schema produced a grammar llama.cpp rejects; simplify the schema"
+        )
         with self._lock:
             if len(self._grammars) >= self._size:
                 self._grammars.pop(next(iter(self._grammars)))
             self._grammars[key] = gbnf
         return gbnf
+
+    def check(self, gbnf: str, *, param: str, what: str | None = None) -> None:
+        """Raise EngineRequestError when llama.cpp cannot parse ``gbnf`` (its log says where)."""
+        sampler = self._lc.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
+        if not sampler:
+            raise EngineRequestError(
+                what or "llama.cpp cannot parse the GBNF grammar (a rule named root is required); check its syntax",
+                param=param,
+            )
+        self._lc.llama_sampler_free(sampler)
 
 
 def sampler_chain(lc: Any, vocab: Any, n_vocab: int, n_ctx_seq: int, request: GenerationRequest) -> Any:

@@ -93,6 +93,8 @@ class Tokenizer:
                 f"prompt holds token id {bad}, but this model's ids run from 0 to {self.n_vocab - 1}", param="prompt"
             )
         if request.constraint is None:
+            if request.grammar is not None:
+                self._grammars.check(request.grammar, param="grammar")
             return request
         from dataclasses import replace
 
