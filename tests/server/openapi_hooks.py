@@ -3,6 +3,7 @@
 Generation is the slow part on two cores, so a generated request to a generating route is made cheap without
 being made valid or invalid: it names the served model where it names one as a string (any other name is a
 404 before anything runs), and asks for at most MAX_TOKENS_CAP tokens where its limit is a valid one or absent.
+Half of them stream: left to itself, schemathesis sends ``"stream": true`` almost never.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import schemathesis
+from hypothesis import strategies as st
 
 from tests.server.support import ALIAS
 
@@ -38,3 +40,12 @@ def cheap_generation(context: schemathesis.HookContext, body: Any) -> Any:
     if context.operation is not None and context.operation.path in GENERATING_PATHS:
         return cap_generation(body)
     return body
+
+
+@schemathesis.hook("flatmap_body")
+def stream_half(context: schemathesis.HookContext, body: Any) -> st.SearchStrategy[Any]:
+    generating = context.operation is not None and context.operation.path in GENERATING_PATHS
+    # Only where "stream" is absent or a boolean: a request made invalid through it stays invalid.
+    if not generating or not isinstance(body, dict) or not isinstance(body.get("stream", False), bool | None):
+        return st.just(body)
+    return st.booleans().map(lambda stream: {**body, "stream": True} if stream else body)
