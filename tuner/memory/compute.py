@@ -37,7 +37,7 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.layout import Layout, RuntimeSettings
-from tuner.memory.encoder_graph import _Encoder
+from tuner.memory.encoder_graph import _Encoder, _NoCacheDecoder
 from tuner.memory.ggml_alloc import _allocate, _Arena
 from tuner.memory.ggml_graph import _F16, _T, _quantized, _row_bytes
 from tuner.memory.ggml_sched import _schedule
@@ -120,7 +120,7 @@ def _simulate(shape: _Shape, run: _Run, kinds: tuple[str, ...], plan: tuple[_Lay
               cuda: CudaCalibration) -> tuple[int, ...]:
     """Compute-buffer bytes of every backend (devices, then the host) for one reserve graph."""
     cpu = len(kinds) - 1
-    builder = _Encoder if shape.encoder else _Decoder
+    builder = _Encoder if shape.encoder else _NoCacheDecoder if shape.no_cache_decoder else _Decoder
     decoder = builder(shape, run, plan, out_home, cpu, pin_norms=full_offload or run.n_tokens < 32)
     graph = decoder.build()
     nodes, node_ids, leafs, leaf_ids = _schedule(graph, kinds, n_copies, offloaders, cuda.op_offload_min_batch)
@@ -249,7 +249,7 @@ def _estimate(model: ModelInfo, settings: RuntimeSettings, layout: Layout, cuda:
     n_copies = _GGML_SCHED_MAX_COPIES if pipeline_parallel(layout) else 1
     sizes = [0] * len(kinds)
     for tg in (False, True):
-        run = _resolve(settings, model.n_swa, tg, causal=not model.is_encoder)
+        run = _resolve(settings, model.n_swa, tg, causal=not model.embeddings)
         sim = _simulate(shape, run, kinds, plan, homes[model.n_layer], n_copies, layout.all_offloaded,
                         offloaders, cuda)
         sizes = [max(a, b) for a, b in zip(sizes, sim, strict=True)]

@@ -78,22 +78,8 @@ class _Encoder(_Decoder):
             cur = self.block(key, layer, cur)
         cur.flags |= OUTPUT  # result_embd (res->t_embd)
         g.expand(cur)
-        pooled = self.pooling(cur)
-        if pooled is not None:
-            pooled.flags |= OUTPUT  # result_embd_pooled
-            g.expand(pooled)
+        _pool(self, cur)
         return g
-
-    def pooling(self, embd: _T) -> _T | None:
-        """build_pooling for the GGUF's pooling type (the context computes embeddings)."""
-        n_seqs = self.r.n_seqs
-        if self.s.pooling == POOLING_MEAN:
-            mean = self.input("mean", _F32, (self.r.n_tokens, n_seqs))
-            transposed = _new("CONT", embd.type, (embd.ne[1], embd.ne[0]), _permute(embd, (1, 0, 2, 3)))
-            return _mul_mat(transposed, mean)
-        if self.s.pooling in (POOLING_CLS, POOLING_LAST):
-            return _get_rows(embd, self.input("cls", _I32, (n_seqs,)))
-        return None  # NONE keeps the token embeddings; RANK (rerankers) is not modelled
 
     def block(self, key: int, layer: _Layer, inpL: _T) -> _T:
         il, home = layer.il, layer.home
@@ -106,7 +92,7 @@ class _Encoder(_Decoder):
         w["attn_output_norm"] = self.weight(f"blk.{il}.attn_output_norm.weight", home, key)
         w["layer_output_norm"] = self.weight(f"blk.{il}.layer_output_norm.weight", home, key)
         q, k, v = self.encoder_qkv(il, home, inpL, w)
-        cur = self.attention_no_cache(il, q, k, v, w)
+        cur = _attention_no_cache(self, q, k, v, w, self.mask)
         if layer.last:
             cur = _get_rows(cur, self.out_ids)
             inpL = _get_rows(inpL, self.out_ids)
@@ -158,26 +144,86 @@ class _Encoder(_Decoder):
             k = _dup("ROPE", k, self.inp_pos)
         return q, k, v
 
-    def attention_no_cache(self, il: int, q: _T, k: _T, v: _T, w: dict[str, _T | None]) -> _T:
-        """build_attn with llm_graph_input_attn_no_cache: K and V are this batch's own rows, never stored."""
-        g = self.g
-        for t in (q, k, v):  # expanded together so that they are not reordered
-            g.expand(t)
-        qp = _permute(_view(q, q.ne, (q.nb[1], q.nb[2], q.nb[3])), (0, 2, 1, 3))
-        kp = _permute(k, (0, 2, 1, 3))
-        vp = _permute(v, (0, 2, 1, 3))
-        if self.r.flash_attn:
-            # K and V are F32 activations here, so llama.cpp casts them to F16 for the fused kernel
-            kc = _new("CPY", _F16, kp.ne, kp)
-            vc = _new("CPY", _F16, vp.ne, vp)
-            fa = _new("FLASH_ATTN_EXT", _F32, (vc.ne[0], qp.ne[2], qp.ne[1], qp.ne[3]), qp, kc, vc, self.mask)
-            cur = _reshape(fa, fa.ne[0] * fa.ne[1], fa.ne[2] * fa.ne[3])
-        else:
-            kq = _dup("SOFT_MAX", _mul_mat(kp, qp), self.mask)
-            vt = _new("CONT", vp.type, (vp.ne[1], vp.ne[0], vp.ne[2], vp.ne[3]), _permute(vp, (1, 0, 2, 3)))
-            kqv = _mul_mat(vt, kq)
-            perm = _permute(kqv, (0, 2, 1, 3))
-            cur = _new("CONT", perm.type, (perm.ne[0] * perm.ne[1], perm.ne[2] * perm.ne[3]), perm)
+
+def _attention_no_cache(builder: _Decoder, q: _T, k: _T, v: _T, w: dict[str, _T | None], mask: _T) -> _T:
+    """build_attn with llm_graph_input_attn_no_cache: K and V are this batch's own rows, never stored."""
+    g = builder.g
+    for t in (q, k, v):  # expanded together so that they are not reordered
+        g.expand(t)
+    qp = _permute(_view(q, q.ne, (q.nb[1], q.nb[2], q.nb[3])), (0, 2, 1, 3))
+    kp = _permute(k, (0, 2, 1, 3))
+    vp = _permute(v, (0, 2, 1, 3))
+    if builder.r.flash_attn:
+        # K and V are F32 activations here, so llama.cpp casts them to F16 for the fused kernel
+        kc = _new("CPY", _F16, kp.ne, kp)
+        vc = _new("CPY", _F16, vp.ne, vp)
+        fa = _new("FLASH_ATTN_EXT", _F32, (vc.ne[0], qp.ne[2], qp.ne[1], qp.ne[3]), qp, kc, vc, mask)
+        cur = _reshape(fa, fa.ne[0] * fa.ne[1], fa.ne[2] * fa.ne[3])
+    else:
+        kq = _dup("SOFT_MAX", _mul_mat(kp, qp), mask)
+        vt = _new("CONT", vp.type, (vp.ne[1], vp.ne[0], vp.ne[2], vp.ne[3]), _permute(vp, (1, 0, 2, 3)))
+        kqv = _mul_mat(vt, kq)
+        perm = _permute(kqv, (0, 2, 1, 3))
+        cur = _new("CONT", perm.type, (perm.ne[0] * perm.ne[1], perm.ne[2] * perm.ne[3]), perm)
+    g.expand(cur)
+    assert w["attn_output"] is not None
+    return builder.mm(w["attn_output"], cur, w["attn_output.b"])
+
+
+def _pool(builder: _Decoder, embd: _T) -> None:
+    """build_pooling for the GGUF's pooling type, then build_dense_out (sentence-transformers' dense layers,
+    output-layer weights) when the model has them; the last of them is the pooled result."""
+    s, r, g = builder.s, builder.r, builder.g
+    pooled: _T | None = None
+    if s.pooling == POOLING_MEAN:
+        mean = builder.input("mean", _F32, (r.n_tokens, r.n_seqs))
+        transposed = _new("CONT", embd.type, (embd.ne[1], embd.ne[0]), _permute(embd, (1, 0, 2, 3)))
+        pooled = _mul_mat(transposed, mean)
+    elif s.pooling in (POOLING_CLS, POOLING_LAST):
+        pooled = _get_rows(embd, builder.input("cls", _I32, (r.n_seqs,)))
+    # NONE keeps the token embeddings; RANK (rerankers) is not modelled
+    out = builder.out_home
+    dense_2 = builder.weight("dense_2.weight", out, "out")
+    dense_2_b = builder.weight("dense_2.bias", out, "out")
+    dense_3 = builder.weight("dense_3.weight", out, "out")
+    if pooled is not None:
+        g.expand(pooled)
+    cur = pooled if pooled is not None else embd
+    if dense_2 is not None:
+        cur = _mul_mat(dense_2, cur)
+    if dense_2_b is not None:
+        cur = _dup("ADD", cur, dense_2_b)
+    if dense_3 is not None:
+        cur = _mul_mat(dense_3, cur)
+    if cur is not embd:
+        cur.flags |= OUTPUT  # result_embd_pooled
         g.expand(cur)
-        assert w["attn_output"] is not None
-        return self.mm(w["attn_output"], cur, w["attn_output.b"])
+
+
+class _NoCacheDecoder(_Decoder):
+    """gemma-embedding (src/models/gemma-embedding.cpp): gemma3's blocks run without a KV cache over the batch's
+    own tokens (two T x T masks: full and symmetric sliding window), then result_norm is the embedding, pooled;
+    no logits are computed."""
+
+    def attention(self, il: int, home: int, q: _T, k: _T, v: _T, w: dict[str, _T | None]) -> _T:
+        T, masked = self.r.n_tokens, _F16 if self.r.flash_attn else _F32
+        name = "self_kq_mask_swa" if self.s.swa[il] else "self_kq_mask"
+        return _attention_no_cache(self, q, k, v, w, self.input(name, masked, (T, T, 1, 1)))
+
+    def build(self) -> _Graph:
+        s, r, g = self.s, self.r, self.g
+        T = r.n_tokens
+        tok = self.weight("token_embd.weight", self.cpu, "in", (_F16, (s.n_embd, s.n_vocab)))
+        assert tok is not None
+        cur = _get_rows(tok, self.input("inp_tokens", _I32, (T,)))
+        g.expand(cur)
+        g.expand(self.input("inp_embd", _F32, (s.n_embd, T)))  # the unused branch: a leaf never freed
+        inpL = _dup("SCALE", cur)  # sqrt(n_embd)
+        for key, layer in enumerate(self.plan):
+            inpL = self.block(key, layer, inpL)
+        out = self.out_home
+        cur = self.norm(inpL, self.weight("output_norm.weight", out, "out", (_F32, (s.n_embd,))), None)
+        cur.flags |= OUTPUT  # result_norm, which is res->t_embd
+        g.expand(cur)
+        _pool(self, cur)
+        return g

@@ -61,6 +61,7 @@ class _Shape:
     weights: tuple[tuple[str, str, tuple[int, ...]], ...]  # name, type, ne
     encoder: bool = False  # a BERT-family encoder (tuner.memory.encoder_graph rebuilds its graph)
     pooling: int = 0  # llama_pooling_type of an embedding model's context
+    no_cache_decoder: bool = False  # gemma-embedding: decoder blocks without a KV cache (encoder_graph)
 
     @staticmethod
     def of(model: ModelInfo) -> _Shape:
@@ -71,6 +72,7 @@ class _Shape:
             n_swa=model.n_swa, n_expert=model.n_expert, n_expert_used=model.n_expert_used,
             n_ff_exp=model.n_ff_exp, weights=tuple(_weight_entry(t) for t in model.tensors),
             encoder=model.is_encoder, pooling=model.pooling_type,
+            no_cache_decoder=model.embeddings and not model.is_encoder,
         )
 
 

@@ -23,7 +23,8 @@ from tuner.model import ModelInfo, TensorInfo
 # ggml-cuda/common.cuh MATRIX_ROW_PADDING: the last row of a quantised matrix is padded to this many elements.
 CUDA_MATRIX_ROW_PADDING = 512
 BUFFER_ALIGNMENT: dict[AllocatorBackend, int] = {"cpu": 32, "cuda": 128, "rocm": 128}
-OUTPUT_TENSOR_PREFIXES = ("output.", "output_norm.", "cls.")  # cls.*: a classifier head (LAYER_OUTPUT)
+# cls.*: a classifier head; dense_2/dense_3: sentence-transformers' projections after pooling (LAYER_OUTPUT)
+OUTPUT_TENSOR_PREFIXES = ("output.", "output_norm.", "cls.", "dense_2.", "dense_3.")
 # Input-side tensors llama-arch.cpp files under LLM_TENSOR_LAYER_REPEATING: they live with block 0.
 FIRST_BLOCK_PREFIXES = ("token_embd_norm.",)
 
