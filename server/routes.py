@@ -285,6 +285,7 @@ async def create_embeddings(request: Request) -> Response:
         result = await until_disconnect(request, embeddings.create_embeddings(parsed, model))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
+    state.metrics.prompt_tokens.labels(model.alias).inc(result.usage.prompt_tokens)
     return JSONResponse(result.model_dump())
 
 

@@ -24,9 +24,9 @@ import openai
 import pytest
 
 from server.app import create_app
-from tests.kit.encoders import TINY_NOMIC_BERT, write_encoder_gguf
+from tests.kit.encoders import TINY_GEMMA_EMBEDDING, TINY_NOMIC_BERT, write_encoder_gguf
 from tests.kit.minilm import minilm_path
-from tests.server.support import LiveServer, make_settings, serve_cli, wait_for
+from tests.server.support import LiveServer, make_settings, metric_value, serve_cli, wait_for
 
 pytestmark = pytest.mark.llama
 
@@ -141,11 +141,14 @@ def test_a_batch_of_texts_equals_llama_cpp(client: openai.OpenAI, reference: dic
     assert result.model == EMBEDDER and result.object == "list"
 
 
-def test_one_string_gives_one_vector(client: openai.OpenAI, reference: dict[str, Any]) -> None:
+def test_one_string_gives_one_vector(client: openai.OpenAI, http: httpx.Client, reference: dict[str, Any]) -> None:
+    before = metric_value(http.get("/metrics").text, "llamasplit_prompt_tokens_total", model=EMBEDDER) or 0.0
     result = client.embeddings.create(model=EMBEDDER, input=TEXTS[2], encoding_format="float")
     assert len(result.data) == 1
     assert_same_vectors(result.data[0].embedding, reference["vectors"][2])
     assert result.usage.prompt_tokens == len(reference["tokens"][2])
+    after = metric_value(http.get("/metrics").text, "llamasplit_prompt_tokens_total", model=EMBEDDER)
+    assert after == before + len(reference["tokens"][2])  # embedded tokens count as prompt tokens in /metrics
 
 
 def test_base64_is_little_endian_float32_of_the_same_vectors(
@@ -274,6 +277,31 @@ def test_a_model_that_pools_nothing_fails_to_load_saying_why(http: httpx.Client)
     error = reply.json()["error"]
     assert error["code"] == "model_failed"
     assert "pools its embeddings as 'none'" in error["message"] and "mean, cls, last" in error["message"]
+
+
+def test_a_gemma_embedding_model_serves_llama_cpps_vectors(tmp_path: Path) -> None:
+    """The other kind of embedding model: gemma3 blocks run without a cache, pooled, then sentence-transformers'
+    dense projections (a synthetic one with random weights; its vectors mean nothing but must be llama.cpp's)."""
+    path = write_encoder_gguf(tmp_path / "gemma-embedding.gguf", TINY_GEMMA_EMBEDDING)
+    # eight sequences: the five inputs share one batch, as in llama-cpp-python's embed() (flash attention makes
+    # a vector depend on its batch-mates by ~5e-5)
+    settings = make_settings(models=[{"path": str(path), "alias": "gemma-embed"}], parallel=8, threads=1)
+    server = LiveServer(create_app(settings)).start()
+    try:
+        plan = httpx.get(f"{server.url}/v1/plan", timeout=30).json()["data"][0]
+        reply = httpx.post(f"{server.url}/v1/embeddings", json={"model": "gemma-embed", "input": TEXTS}, timeout=120)
+        chat = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": "gemma-embed", "messages": [{"role": "user", "content": "Hi"}]},
+            timeout=30,
+        )
+    finally:
+        server.stop()
+    assert plan["plan"]["embeddings"] and plan["plan"]["architecture"] == "gemma-embedding"
+    assert reply.status_code == 200, reply.text
+    expected = llama_cpp_embeddings(path, TEXTS, plan["load_settings"]["flash_attn"] == "on")
+    assert_same_vectors([item["embedding"] for item in reply.json()["data"]], expected["vectors"])
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "model_is_embedding"
 
 
 def test_served_over_two_rpc_devices_as_planned(minilm: Path, reference: dict[str, Any], tmp_path: Path) -> None:
