@@ -163,7 +163,10 @@ class EmbeddingRunner:
             if batch and (item is None or full):
                 try:
                     vectors = self._encode([tokens for _, _, tokens in batch])
-                except EngineError as exc:
+                except Exception as exc:  # the thread must live on: a job left without an answer waits forever
+                    if not isinstance(exc, EngineError):
+                        log.exception("%s: encoding a batch of %d inputs failed", self.name, len(batch))
+                        exc = EngineError(f"encoding failed inside the engine: {exc}")
                     for j, _, _ in batch:
                         failed[j] = exc
                 else:
