@@ -18,7 +18,8 @@ Hierarchy (HTTP status, OpenAI ``type`` / ``code``)::
                                     the CLI prints it on one line and exits 2
 
 ``error_response`` builds the JSON response for any exception and ``sse_error`` is its streaming twin, used
-once a stream has started and the status line can no longer change.
+once a stream has started and the status line can no longer change; ``ErrorResponse`` is that body as a model
+(the OpenAPI document declares it for every error status).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import JSONResponse
 
 from server.engine.errors import EngineDeadError, EngineError, EngineRequestError
@@ -148,10 +149,24 @@ class ConfigError(ServerError):
     exit_code = 2
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, the limit and the fix")
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error")
+    param: str | None = Field(description="The request parameter at fault, as a path: messages[0].content")
+    code: str | None = Field(description="A stable machine-readable reason: model_not_found, queue_full, ...")
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error body: every 4xx and 5xx answer, and the last event of a stream that fails."""
+
+    error: ErrorDetail
+
+
 def error_body(exc: BaseException) -> dict[str, Any]:
     """The OpenAI error object for ``exc``; anything that is not a ServerError becomes a generic 500."""
     err = _as_server_error(exc)
-    return {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.code}}
+    detail = ErrorDetail(message=err.message, type=err.error_type, param=err.param, code=err.code)
+    return ErrorResponse(error=detail).model_dump()
 
 
 def error_response(exc: BaseException) -> JSONResponse:

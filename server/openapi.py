@@ -2,7 +2,7 @@
 
 Routes read their JSON bodies themselves (routes.read_json_object enforces the size limit while reading and
 words each 400), so FastAPI sees no body parameter: ``json_body`` declares the required body and its model.
-Every error leaves through errors.error_response in one shape, ``ErrorResponse``; ``error_responses`` declares
+Every error leaves through errors.error_response in one shape, errors.ErrorResponse; ``error_responses`` declares
 a route's error statuses with it, and Retry-After where the server sends one. ``install`` gives the app an
 openapi() that adds the body models to the components and drops FastAPI's 422, which this server never sends
 (its validation errors are 400s).
@@ -15,26 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from server.errors import ErrorResponse
+
 COMPONENTS = "#/components/schemas/"
-
-
-class ErrorDetail(BaseModel):
-    """The OpenAI error object (errors.error_body builds it)."""
-
-    message: str = Field(description="What went wrong, the limit and the fix")
-    type: str = Field(description="invalid_request_error, rate_limit_error or server_error")
-    param: str | None = Field(description="The request parameter at fault, as a path: messages[0].content")
-    code: str | None = Field(description="A stable machine-readable reason: model_not_found, queue_full, ...")
-
-
-class ErrorResponse(BaseModel):
-    """Every 4xx and 5xx answer of this server, and the last event of a stream that fails after it started."""
-
-    error: ErrorDetail
-
 
 # Models named by json_body and event_stream: pydantic schemas that FastAPI never sees (ErrorResponse is named
 # by every event stream's data, whether or not a route's error responses bring it in).
@@ -87,17 +73,12 @@ def error_responses(*statuses: int, descriptions: Mapping[int, str] | None = Non
     return responses
 
 
-def json_body(model: type[BaseModel], description: str | None = None) -> dict[str, Any]:
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
     """FastAPI ``openapi_extra=`` declaring a required JSON body validated by ``model`` (install adds the
     model to the components)."""
     _BODY_MODELS[model.__name__] = model
-    body: dict[str, Any] = {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": f"{COMPONENTS}{model.__name__}"}}},
-    }
-    if description:
-        body["description"] = description
-    return {"requestBody": body}
+    content = {"application/json": {"schema": {"$ref": f"{COMPONENTS}{model.__name__}"}}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def event_stream(chunk: type[BaseModel], description: str) -> dict[str, Any]:
