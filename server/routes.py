@@ -35,11 +35,11 @@ from server.errors import (
 from server.metrics import CONTENT_TYPE, Metrics
 from server.openapi import (
     AUTHENTICATED,
+    GENERATES,
     LOADS,
     NAMES_MODEL,
     READS_BODY,
     RETRY_AFTER_HEADER,
-    RUNS_MODEL,
     error_responses,
     generation_responses,
     json_body,
@@ -271,7 +271,8 @@ async def completions(request: Request) -> Response:
     "/embeddings",
     responses={
         200: {"model": embeddings.EmbeddingList, "description": "One vector per input, in input order"},
-        **error_responses(*READS_BODY, *NAMES_MODEL, *RUNS_MODEL),
+        # GENERATES: it waits for a slot of the model's queue like a generation (429 when that is full)
+        **error_responses(*READS_BODY, *NAMES_MODEL, *GENERATES),
     },
     openapi_extra=json_body(embeddings.EmbeddingRequest),
 )
