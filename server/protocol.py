@@ -516,6 +516,7 @@ class ModelCard(BaseModel):
     parallel: int  # sequences decoded together in one batch
     kv_unified: bool  # the sequences share one KV cache (each may use all of it) rather than one each
     chat_template: Literal["config", "gguf", "fallback"] | None  # where the chat template came from
+    embedding: bool = False  # an embedding model: it serves /v1/embeddings, not chat or completions
     error: str | None = None  # why the model failed (its engine process died, its load failed)
     pinned: bool = False  # never evicted nor expired
     keep_alive_s: float | None = None  # unloaded after this many idle seconds

@@ -304,6 +304,7 @@ def _card(model: ServedModel) -> ModelCard:
         kv_unified=model.plan.kv_unified,
         # an embedding model has no chat template to speak of (it renders none)
         chat_template=None if model.engine is None or model.plan.embeddings else model.engine.chat_template_source(),
+        embedding=model.plan.embeddings,
         error=model.error,
         pinned=model.pinned,
         keep_alive_s=model.keep_alive_s,

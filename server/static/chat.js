@@ -33,19 +33,21 @@ export function initChat() {
   });
 }
 
-/** Fill the model picker from /v1/models' `data`, keeping the current choice. */
+/** Fill the model picker from /v1/models' `data` (chat models: an embedding model cannot answer), keeping the
+ * current choice. */
 export function setModels(models) {
   const select = document.getElementById("model");
   const chosen = select.value;
+  const chat = models.filter((model) => !model.embedding);
   select.replaceChildren(
-    ...models.map((model) => {
+    ...chat.map((model) => {
       const word = { ready: "loaded", unloaded: "loads on first message" }[model.status] || model.status;
       const option = el("option", `${model.id} (${word})`);
       option.value = model.id;
       return option;
     }),
   );
-  if (models.some((model) => model.id === chosen)) select.value = chosen;
+  if (chat.some((model) => model.id === chosen)) select.value = chosen;
 }
 
 function setStatus(text) {

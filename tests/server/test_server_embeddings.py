@@ -268,6 +268,7 @@ def test_an_embedding_model_asked_to_generate_says_why(http: httpx.Client, path:
 def test_the_model_card_of_an_embedding_model(http: httpx.Client) -> None:
     card = http.get(f"/v1/models/{EMBEDDER}").json()
     assert card["status"] == "ready" and card["chat_template"] is None
+    assert card["embedding"] is True  # the web page's chat leaves it out of its model picker
     assert card["n_ctx_per_seq"] == 512  # the longest input: BERT's training context
 
 

@@ -55,6 +55,7 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     assert card.model_extra is not None and card.model_extra["status"] == "ready"
     assert card.model_extra["n_ctx"] == CTX
     assert card.model_extra["chat_template"] == "gguf"  # SmolLM2 ships its template
+    assert card.model_extra["embedding"] is False
 
 
 def test_chat_completion_reports_text_finish_reason_and_usage(client: openai.OpenAI) -> None:
