@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server import embeddings, serving
+from server.allocation import MemoryReport
 from server.auth import ApiKeyChecker
 from server.config import Settings
 from server.engine import EngineError, GenerationEvent
@@ -58,6 +59,7 @@ from server.protocol import (
     ModelStatus,
 )
 from server.registry import ModelRegistry, ModelState, ServedModel
+from tuner import LoadSettings, Plan
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -330,22 +332,38 @@ async def get_model(request: Request, model_id: str) -> ModelCard:
     return _card(app_state(request).registry.find(model_id))
 
 
+class PlanEntry(BaseModel):
+    """One model in GET /v1/plan: how it is loaded, the tuner's plan and, once loaded, the bytes measured."""
+
+    model: str
+    status: ModelState
+    error: str | None
+    load_settings: LoadSettings
+    plan: Plan
+    memory: MemoryReport | None
+
+
+class PlanList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PlanEntry]
+
+
 @api.get("/plan")
-async def get_plan(request: Request) -> dict[str, Any]:
+async def get_plan(request: Request) -> PlanList:
     """Every model's plan with predicted and (once loaded) actual bytes per device."""
-    data = []
-    for model in app_state(request).registry.models.values():
-        data.append(
-            {
-                "model": model.alias,
-                "status": model.state,
-                "error": model.error,
-                "load_settings": model.load_settings.model_dump(mode="json"),
-                "plan": model.plan.model_dump(mode="json"),
-                "memory": model.memory.model_dump(mode="json") if model.memory is not None else None,
-            }
-        )
-    return {"object": "list", "data": data}
+    return PlanList(
+        data=[
+            PlanEntry(
+                model=m.alias,
+                status=m.state,
+                error=m.error,
+                load_settings=m.load_settings,
+                plan=m.plan,
+                memory=m.memory,
+            )
+            for m in app_state(request).registry.models.values()
+        ]
+    )
 
 
 # --- operations --------------------------------------------------------------------------------------------

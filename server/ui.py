@@ -9,7 +9,6 @@ need not parse Prometheus text.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import FileResponse, Response
@@ -60,7 +59,7 @@ async def page() -> Response:
 
 
 @ui.get("/ui/stats", dependencies=[Depends(require_api_key)], responses=error_responses(*AUTHENTICATED))
-async def stats(request: Request) -> dict[str, Any]:
+async def stats(request: Request) -> dict[str, dict[str, dict[str, float]]]:
     """Per model: the live gauges of /metrics plus the time-to-first-token histogram's sum and count."""
     models: dict[str, dict[str, float]] = {}
     for family in app_state(request).metrics.registry.collect():
