@@ -137,9 +137,10 @@ def plan_and_chat_over_two_rpc_devices(
     entry and the reply to a short chat."""
     from tests.kit.rpcbed import rpc_servers
 
-    with rpc_servers(2) as endpoints, serve_cli(
-        ["--model", f"smol={model}", "--rpc", ",".join(endpoints), "--ctx", "2048", *flags], log
-    ) as url:
+    with (
+        rpc_servers(2) as endpoints,
+        serve_cli(["--model", f"smol={model}", "--rpc", ",".join(endpoints), "--ctx", "2048", *flags], log) as url,
+    ):
         entry = httpx.get(url + "/v1/plan").json()["data"][0]
         reply = httpx.post(
             url + "/v1/chat/completions",
@@ -161,6 +162,21 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(match.group(3))
     return None
+
+
+def model_metric(http: httpx.Client, name: str, model: str, **labels: str) -> float:
+    """One sample of ``model`` from the server's /metrics; it must be there."""
+    value = metric_value(http.get("/metrics").text, name, model=model, **labels)
+    assert value is not None, name
+    return value
+
+
+def assert_engine_clean(http: httpx.Client, model: str) -> None:
+    """The engine's own accounting once requests are done: no sequence busy, no KV cell held or leaked."""
+    wait_for(lambda: model_metric(http, "llamasplit_sequences_busy", model) == 0, 10)
+    assert model_metric(http, "llamasplit_kv_cells_used", model) == 0
+    assert model_metric(http, "llamasplit_kv_cells_untracked", model) == 0
+    assert model_metric(http, "llamasplit_requests_running", model) == 0
 
 
 def running_requests(http: httpx.Client) -> float:

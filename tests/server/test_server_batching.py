@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from server.app import create_app
-from tests.server.support import LiveServer, make_settings, metric_value, wait_for
+from tests.server.support import LiveServer, assert_engine_clean, make_settings, metric_value, model_metric, wait_for
 
 pytestmark = pytest.mark.llama
 
@@ -57,9 +57,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 
 
 def metric(http: httpx.Client, name: str, **labels: str) -> float:
-    value = metric_value(http.get("/metrics").text, name, model=ALIAS, **labels)
-    assert value is not None, name
-    return value
+    return model_metric(http, name, ALIAS, **labels)
 
 
 def chat(http: httpx.Client, content: str, **params: Any) -> dict[str, Any]:
@@ -75,10 +73,7 @@ def answer(reply: dict[str, Any]) -> tuple[str, str, int]:
 
 
 def assert_nothing_leaked(http: httpx.Client) -> None:
-    wait_for(lambda: metric(http, "llamasplit_sequences_busy") == 0, 10)
-    assert metric(http, "llamasplit_kv_cells_used") == 0
-    assert metric(http, "llamasplit_kv_cells_untracked") == 0
-    assert metric(http, "llamasplit_requests_running") == 0
+    assert_engine_clean(http, ALIAS)
 
 
 # Eight requests, each with parameters of its own: greedy, seeded sampling, penalties, a logit bias, a stop
@@ -153,7 +148,10 @@ def test_a_disconnect_frees_its_sequence_while_the_others_keep_streaming(
 
     def leave_early() -> None:
         stream = client.chat.completions.create(
-            model=ALIAS, messages=[{"role": "user", "content": prompts[0]}], stream=True, **params  # type: ignore[arg-type]
+            model=ALIAS,
+            messages=[{"role": "user", "content": prompts[0]}],
+            stream=True,
+            **params,  # type: ignore[arg-type]
         )
         for n, _ in enumerate(stream):
             if n == 5:

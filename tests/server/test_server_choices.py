@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from server.app import create_app
-from tests.server.support import LiveServer, make_settings, metric_value, wait_for
+from tests.server.support import LiveServer, assert_engine_clean, make_settings, metric_value, model_metric
 
 pytestmark = pytest.mark.llama
 
@@ -47,9 +47,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 
 
 def metric(http: httpx.Client, name: str) -> float:
-    value = metric_value(http.get("/metrics").text, name, model=ALIAS)
-    assert value is not None, name
-    return value
+    return model_metric(http, name, ALIAS)
 
 
 def prompt_tokens_decoded(http: httpx.Client) -> float:
@@ -62,10 +60,7 @@ def prompt_tokens_decoded(http: httpx.Client) -> float:
 
 
 def assert_nothing_leaked(http: httpx.Client) -> None:
-    wait_for(lambda: metric(http, "llamasplit_sequences_busy") == 0, 10)
-    assert metric(http, "llamasplit_kv_cells_untracked") == 0
-    assert metric(http, "llamasplit_kv_cells_used") == 0
-    assert metric(http, "llamasplit_requests_running") == 0
+    assert_engine_clean(http, ALIAS)
 
 
 def chat_body(content: str, **params: Any) -> dict[str, Any]:
