@@ -13,6 +13,7 @@ required, Retry-After is declared where it is sent, /metrics is text, and stream
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -25,7 +26,17 @@ import jsonschema
 import pytest
 
 from server.app import create_app
-from tests.server.support import ALIAS, API_KEYS, CTX, MAX_BODY_BYTES, LiveServer, cli_environment, make_settings
+from tests.server.support import (
+    ALIAS,
+    API_KEYS,
+    CTX,
+    MAX_BODY_BYTES,
+    LiveServer,
+    cli_environment,
+    make_settings,
+    running_requests,
+    wait_for,
+)
 
 CHECKS = (
     "not_a_server_error",
@@ -135,6 +146,29 @@ def test_streamed_chunks_match_their_schema_in_the_document(
     assert len(data) >= 3  # at least a token chunk and the usage chunk before [DONE]
     for event in data[:-1]:
         validator.validate(json.loads(event))
+
+
+def test_a_full_queue_answers_as_the_document_declares(openapi_server: LiveServer, document: dict[str, Any]) -> None:
+    # One slot and a queue of one: two streams take both, the third request is refused with a 429.
+    declared = document["paths"]["/v1/chat/completions"]["post"]["responses"]["429"]
+    body = {"model": ALIAS, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 512}
+    headers = {"Authorization": f"Bearer {API_KEYS[0]}"}
+    with (
+        httpx.Client(base_url=openapi_server.url, headers=headers, timeout=120) as http,
+        contextlib.ExitStack() as held,
+    ):
+        for _ in range(2):
+            stream = held.enter_context(http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}))
+            assert stream.status_code == 200
+        refused = http.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 429
+    assert refused.headers["content-type"] == "application/json"
+    retry_after = declared["headers"]["Retry-After"]
+    jsonschema.validate(int(refused.headers["Retry-After"]), retry_after["schema"])
+    jsonschema.Draft202012Validator({"$ref": ERROR_BODY, "components": document["components"]}).validate(refused.json())
+    assert refused.json()["error"]["code"] == "queue_full"
+    with httpx.Client(base_url=openapi_server.url, headers=headers, timeout=30) as http:
+        wait_for(lambda: running_requests(http) == 0, timeout_s=60)  # the closed streams free the slot
 
 
 def schemathesis_config() -> str:
