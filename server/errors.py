@@ -26,19 +26,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import JSONResponse
 
 from server.engine.errors import EngineDeadError, EngineError, EngineRequestError
 
+ErrorType = Literal["invalid_request_error", "rate_limit_error", "server_error"]  # OpenAI's error types
+
 
 class ServerError(Exception):
     """Base class of every error the server raises on purpose."""
 
     status_code = 500
-    error_type = "server_error"
+    error_type: ErrorType = "server_error"
     default_code: str | None = None
 
     def __init__(
@@ -151,7 +153,7 @@ class ConfigError(ServerError):
 
 class ErrorDetail(BaseModel):
     message: str = Field(description="What went wrong, the limit and the fix")
-    type: str = Field(description="invalid_request_error, rate_limit_error or server_error")
+    type: ErrorType
     param: str | None = Field(description="The request parameter at fault, as a path: messages[0].content")
     code: str | None = Field(description="A stable machine-readable reason: model_not_found, queue_full, ...")
 
