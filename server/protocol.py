@@ -87,6 +87,30 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; absent: the function takes no arguments
+    strict: bool | None = None  # arguments always follow the schema here (a grammar), strict or not
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class SystemMessage(_Strict):
     role: Literal["system"]
     content: str | list[TextPart]
@@ -295,8 +319,8 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
@@ -304,8 +328,8 @@ class ChatCompletionRequest(_SamplingRequest):
     modalities: Any = None
     prediction: Any = None
 
-    _no_tools = field_validator("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")(
-        _unsupported("function calling", "remove tools/tool_choice; tool results can still be sent as messages")
+    _no_functions = field_validator("functions", "function_call")(
+        _unsupported("legacy function calling (functions, function_call)", "send tools and tool_choice instead")
     )
     _no_audio = field_validator("audio", "modalities")(_unsupported("audio output", "ask for text output"))
     _no_prediction = field_validator("prediction")(_unsupported("predicted outputs", "remove `prediction`"))
@@ -324,6 +348,27 @@ class ChatCompletionRequest(_SamplingRequest):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        return self
+
+    @model_validator(mode="after")
+    def _tools_agree(self) -> ChatCompletionRequest:
+        # OpenAI's rules: tool_choice and parallel_tool_calls only with tools, a named choice among them.
+        names = [tool.function.name for tool in self.tools or ()]
+        if not names:
+            for param in ("tool_choice", "parallel_tool_calls"):
+                if getattr(self, param) is not None:
+                    raise InvalidRequestError(f"{param} is only allowed when tools are specified", param=param)
+            return self
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:
+            raise InvalidRequestError(f"tools name the function {twice!r} twice; names must be unique", param="tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequestError(
+                f"tool_choice names the function {choice.function.name!r}, which is not among the tools "
+                f"({', '.join(names)})",
+                param="tool_choice",
+            )
         return self
 
     def completion_limit(self) -> int | None:
@@ -426,9 +471,10 @@ class AssistantReply(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
@@ -448,9 +494,22 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None  # in the call's first delta only
+    arguments: str | None = None  # the next piece of the arguments' JSON text
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None  # in the call's first delta only, with type and the function's name
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,6 @@ from server.errors import ContextLengthError, InvalidRequestError, ModelNotReady
 from server.metrics import Metrics
 from server.protocol import (
     AssistantMessage,
-    AssistantReply,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -48,6 +47,7 @@ from server.protocol import (
     JSONSchemaFormat,
     PromptTokensDetails,
     TokenLogprobEntry,
+    ToolCallDelta,
     ToolMessage,
     TopLogprob,
     Usage,
@@ -55,7 +55,10 @@ from server.protocol import (
     new_id,
     now_s,
 )
+from server.protocol import FinishReason as ChatFinishReason
 from server.registry import ServedModel
+from server.tools import ToolPlan, call_for_template, plan_tools, reply
+from server.tools import finish_reason as tool_finish_reason
 
 DONE = "data: [DONE]\n\n"
 
@@ -71,6 +74,7 @@ class Prepared:
     include_usage: bool = False
     top_logprobs: int = 0
     echo_text: str = ""
+    tools: ToolPlan | None = None  # the request's tools: its replies are parsed for tool calls
     id: str = field(default_factory=lambda: new_id("chatcmpl"))
     created: int = field(default_factory=now_s)
 
@@ -93,7 +97,7 @@ def template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
         if name:
             item["name"] = name
         if isinstance(message, AssistantMessage) and message.tool_calls:
-            item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+            item["tool_calls"] = [call_for_template(call.model_dump()) for call in message.tool_calls]
         if isinstance(message, ToolMessage):
             item["tool_call_id"] = message.tool_call_id
         out.append(item)
@@ -102,7 +106,11 @@ def template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s: float) -> Prepared:
     engine = engine_of(model)
-    prompt = engine.encode_chat(template_messages(request))
+    messages = template_messages(request)
+    tools = plan_tools(request, engine.chat_template_facts(), model.alias) if request.tools else None
+    if tools is not None:
+        messages = tools.messages(messages)
+    prompt = engine.encode_chat(messages, tools.tools if tools is not None else None)
     limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     max_tokens = request.completion_limit()
     check_context(len(prompt), max_tokens, model.n_ctx_per_seq, prompt_param="messages", limit_param=limit_param)
@@ -112,7 +120,7 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s:
         max_tokens=max_tokens,
         sampling=sampling_params(request, model),
         stop=stop,
-        constraint=output_constraint(request),
+        constraint=tools.constraint if tools is not None and tools.constraint else output_constraint(request),
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         n=request.n or 1,
         grammar=request.grammar,
@@ -125,6 +133,7 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, received_s:
         received_s=received_s,
         include_usage=request.include_usage(),
         top_logprobs=request.top_logprobs or 0,
+        tools=tools,
         id=new_id("chatcmpl"),
     )
 
@@ -348,9 +357,8 @@ async def chat_completion(prepared: Prepared, stream: AsyncIterator[GenerationEv
         choices=[
             ChatChoice(
                 index=index,
-                message=AssistantReply(content="".join(choice.text)),
                 logprobs=ChoiceLogprobs(content=choice.logprobs) if prepared.generation.logprobs is not None else None,
-                finish_reason=finishes[index].finish_reason,
+                **reply(prepared.tools, "".join(choice.text), finishes[index].finish_reason),
             )
             for index, choice in enumerate(choices)
         ],
@@ -363,7 +371,7 @@ async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -
 
     def chunk(
         delta: ChatDelta,
-        finish: FinishReason | None = None,
+        finish: ChatFinishReason | None = None,
         logprobs: list[TokenLogprobEntry] | None = None,
         index: int = 0,
     ) -> str:
@@ -383,21 +391,41 @@ async def chat_sse(prepared: Prepared, stream: AsyncIterator[GenerationEvent]) -
         chunk(ChatDelta(content=_SPLICE), index=i).split(json.dumps(_SPLICE)) for i in range(prepared.generation.n)
     ]
     finishes: list[FinishEvent] = []
+    # Replies parsed for tool calls (server/tools.py): one parser per choice.
+    calls = [prepared.tools.stream() for _ in range(prepared.generation.n)] if prepared.tools is not None else None
+
+    def parsed(event: GenerationEvent, new: tuple[str, list[ToolCallDelta]]) -> Iterator[str]:
+        content, deltas = new
+        logprob = event.logprob if isinstance(event, TokenEvent) else None
+        lps = [chat_logprob(logprob, prepared.top_logprobs)] if logprob is not None else None
+        if content or lps:
+            yield chunk(ChatDelta(content=content), logprobs=lps, index=event.index)
+        if deltas:
+            yield chunk(ChatDelta(tool_calls=deltas), index=event.index)
+
     try:
         for index in range(prepared.generation.n):
             yield chunk(ChatDelta(role="assistant", content=""), index=index)
         async for event in stream:
             if isinstance(event, TokenEvent):
-                if event.logprob is not None:
+                if calls is not None:
+                    for line in parsed(event, calls[event.index].feed(event.text)):
+                        yield line
+                elif event.logprob is not None:
                     lps = [chat_logprob(event.logprob, prepared.top_logprobs)]
                     yield chunk(ChatDelta(content=event.text), logprobs=lps, index=event.index)
                 elif event.text:
                     head, tail = splices[event.index]
                     yield head + json.dumps(event.text, ensure_ascii=False) + tail
                 continue
-            if event.text:
+            reason: ChatFinishReason = event.finish_reason
+            if calls is not None:
+                for line in parsed(event, calls[event.index].finish(event.text)):
+                    yield line
+                reason = tool_finish_reason(event.finish_reason, calls[event.index])
+            elif event.text:
                 yield chunk(ChatDelta(content=event.text), index=event.index)
-            yield chunk(ChatDelta(), finish=event.finish_reason, index=event.index)
+            yield chunk(ChatDelta(), finish=reason, index=event.index)
             finishes.append(event)
         if prepared.include_usage and finishes:
             body = ChatCompletionChunk(**envelope(prepared), choices=[], usage=usage(finishes))

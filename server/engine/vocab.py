@@ -98,7 +98,20 @@ class Tokenizer:
             return request
         from dataclasses import replace
 
-        return replace(request, grammar=self._grammars.gbnf(request.constraint))
+        constraint = request.constraint
+        if constraint.gbnf is None:
+            return replace(request, grammar=self._grammars.gbnf(constraint))
+        # A ready grammar (tool calls): built from the tools' schemas, so a grammar llama.cpp refuses is theirs.
+        self._grammars.check(
+            constraint.gbnf, param="tools", what="the tools' parameter schemas produced a grammar llama.cpp rejects"
+        )
+        # A marker the vocabulary holds as one token may be a special token, whose text would be dropped.
+        preserved: list[int] = []
+        for marker in constraint.markers:
+            tokens = self._tokenize(marker, add_bos=False)
+            if len(tokens) == 1:
+                preserved.extend(tokens)
+        return replace(request, grammar=constraint.gbnf, preserved_tokens=tuple(preserved))
 
     def close(self) -> None:
         if self._model:
