@@ -470,6 +470,64 @@ def test_auto_tool_choice_gives_text_or_valid_calls(tools_client: openai.OpenAI)
         assert choice.message.content and "<tool_call>" not in choice.message.content
 
 
+def test_auto_call_starts_when_the_model_writes_the_marker(tools_client: openai.OpenAI, smollm2: Path) -> None:
+    """ "auto" end to end: free text until the model writes <tool_call>, then the lazy grammar holds the call.
+    A 135M model never chooses a tool by itself, so logit_bias pushes it onto the marker's tokens; the one tool
+    takes only an enum, so that the pushed tokens cannot run on inside the call, where the grammar rules."""
+    from server.engine.vocab import Tokenizer
+
+    tokenizer = Tokenizer(smollm2)
+    try:
+        marker_tokens = tokenizer._tokenize("<tool_call>", add_bos=False)
+    finally:
+        tokenizer.close()
+    unit_schema = {"type": "object", "properties": {"unit": {"enum": ["celsius", "kelvin"]}}, "required": ["unit"]}
+    tool = {"type": "function", "function": {"name": "set_unit", "parameters": unit_schema}}
+    body: dict[str, Any] = {
+        "tools": [tool],
+        "parallel_tool_calls": False,
+        "logit_bias": {str(t): 100 for t in marker_tokens},
+        "temperature": 0,
+        "max_tokens": 60,
+    }
+    reply = create(tools_client, **body).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    (call,) = reply.message.tool_calls
+    assert call.function.name == "set_unit"
+    jsonschema.validate(json.loads(call.function.arguments), unit_schema)
+    chunks = [c for c in create(tools_client, **body, stream=True) if c.choices]
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "set_unit"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_each_of_n_choices_is_parsed_on_its_own(tools_client: openai.OpenAI) -> None:
+    """n=2 streamed: the choices' chunks interleave, each index gets its own call and its own finish."""
+    chunks = create(
+        tools_client,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        n=2,
+        temperature=1.0,
+        seed=7,
+        max_tokens=80,
+        stream=True,
+    )
+    arguments: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                assert delta.index == 0  # one call per choice: the call index counts within its choice
+                arguments[choice.index] += delta.function.arguments or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    for text in arguments.values():
+        jsonschema.validate(json.loads(text), WEATHER_SCHEMA)
+
+
 # --- refusals (the session server: SmolLM2 with its own template, which ignores tools) --------------------------
 
 
