@@ -202,8 +202,9 @@ _CALL_START = [_WS_REGEX, r"\{", " ?", '"', "n", "a", "m", "e", '"']
 _TRIGGERS: dict[FormatName, str] = {
     "hermes": "(<tool_call>" + _optional_chain(_CALL_START) + ")$",
     "mistral": r"(\[TOOL_CALLS\]" + _optional_chain([_WS_REGEX, r"\[", *_CALL_START]) + ")$",
-    # The call is the whole reply: it must start the output (anchored at both ends: a full match).
-    "llama3": r"^[ \t\n]*(\{" + _optional_chain(_CALL_START[2:]) + ")$",
+    # The call is the whole reply: it must start the output (anchored at both ends: a full match). A reply may
+    # also be JSON that is no call, so the trigger waits for the "name" key, as llama.cpp's does.
+    "llama3": r'^[ \t\n]*(\{ ?"name"' + _optional_chain([" ?", ":", " ?", '"']) + ")$",
     "generic": "",
 }
 

@@ -308,7 +308,7 @@ from server.engine.vocab import Tokenizer, llama_cpp
 from server.tools import build_grammar
 lc = llama_cpp()
 tokenizer = Tokenizer(sys.argv[1])
-grammar = build_grammar("hermes", [("get_time", None)], parallel=False, required=False)
+grammar = build_grammar(sys.argv[4], [("get_time", None)], parallel=False, required=False)
 patterns = (ctypes.c_char_p * 1)(sys.argv[2].encode())
 sampler = lc.llama_sampler_init_grammar_lazy_patterns(tokenizer._vocab, grammar.encode(), b"root", patterns, 1, None, 0)
 for token in tokenizer._tokenize(sys.argv[3], add_bos=False):
@@ -318,18 +318,20 @@ print("accepted")
 
 
 @pytest.mark.parametrize(
-    ("text", "pattern", "survives"),
+    ("fmt", "text", "pattern", "survives"),
     [
-        ('x <tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', None, True),
-        ("x <tool_call>. hello", None, True),  # SmolLM2 writes ">." as one token: no trigger, free text
-        ("x <tool_call>. hello", "(<tool_call>)", False),  # the naive trigger: llama.cpp throws, the process aborts
+        ("hermes", 'x <tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', None, True),
+        ("hermes", "x <tool_call>. hello", None, True),  # SmolLM2 writes ">." as one token: no trigger, free text
+        ("hermes", "x <tool_call>. hello", "(<tool_call>)", False),  # naive: llama.cpp throws, the process aborts
+        ("llama3", '{"name": "get_time", "parameters": {}}', None, True),
+        ("llama3", '{"answer": 42} is the JSON.', None, True),
     ],
-    ids=["a-call", "token-past-the-marker", "naive-pattern-aborts"],
+    ids=["hermes-call", "token-past-the-marker", "naive-pattern-aborts", "llama3-call", "llama3-other-json"],
 )
 def test_the_lazy_trigger_fires_only_where_the_grammar_can_go_on(
-    smollm2: Path, text: str, pattern: str | None, survives: bool
+    smollm2: Path, fmt: str, text: str, pattern: str | None, survives: bool
 ) -> None:
-    """The tokens of ``text`` fed to llama.cpp's lazy grammar with the Hermes trigger, in a child process
+    """The tokens of ``text`` fed to llama.cpp's lazy grammar with the format's trigger, in a child process
     (an abort inside the sampler would take the test process with it)."""
     import os
     import subprocess
@@ -339,7 +341,7 @@ def test_the_lazy_trigger_fires_only_where_the_grammar_can_go_on(
 
     env = {**os.environ, "GGML_NO_BACKTRACE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     child = subprocess.run(
-        [sys.executable, "-c", LAZY_CHILD, str(smollm2), pattern or _TRIGGERS["hermes"], text],
+        [sys.executable, "-c", LAZY_CHILD, str(smollm2), pattern or _TRIGGERS[fmt], text, fmt],  # type: ignore[index]
         capture_output=True,
         text=True,
         env=env,
@@ -348,6 +350,27 @@ def test_the_lazy_trigger_fires_only_where_the_grammar_can_go_on(
     assert (child.returncode == 0 and "accepted" in child.stdout) == survives, child.stderr[-2000:]
     if not survives:
         assert "empty grammar stack" in child.stderr
+
+
+@pytest.mark.parametrize(
+    ("generated", "triggers"),
+    [
+        ('{"name"', True),
+        ('\n{"name": "', True),
+        ('{"', False),  # JSON that may be no call: the name key decides
+        ('{"answer": 42}', False),
+        ('{"name": "get_time", "par', False),  # a token ran past the call's start: free text, no abort
+        ('Sure: {"name": "', False),  # a Llama 3.x call is the whole reply
+    ],
+)
+def test_llama3_trigger_waits_for_the_name_key(generated: str, triggers: bool) -> None:
+    import re
+
+    from server.tools import _TRIGGERS
+
+    pattern = _TRIGGERS["llama3"]
+    assert pattern.startswith("^") and pattern.endswith("$")  # llama.cpp then matches the whole text
+    assert (re.fullmatch(pattern, generated) is not None) == triggers
 
 
 # --- a real server ----------------------------------------------------------------------------------------------
