@@ -26,6 +26,7 @@ import jsonschema
 import pytest
 
 from server.app import create_app
+from tests.kit.minilm import minilm_path
 from tests.server.support import (
     ALIAS,
     API_KEYS,
@@ -46,6 +47,7 @@ CHECKS = (
     "response_headers_conformance",
 )
 GENERATING_PATHS = ("/v1/chat/completions", "/v1/completions")
+EMBEDDER = "minilm"  # the embedding model's alias, which tests/server/openapi_hooks.py names too
 # About 1,100 requests, a dozen of which generate (two tokens each): 25 s on two idle cores, a minute on busy ones.
 EXAMPLES_PER_ROUTE = 12
 EXAMPLES_PER_GENERATING_ROUTE = 20
@@ -58,10 +60,14 @@ pytestmark = pytest.mark.llama
 
 @pytest.fixture(scope="module")
 def openapi_server(smollm2: Path) -> Iterator[LiveServer]:
+    # The chat model as the session server has it (one slot, a queue of one) and an embedding model, so that
+    # every route has a model that answers it.
     settings = make_settings(
-        models=[{"path": str(smollm2), "alias": ALIAS}],
-        ctx=CTX,
-        parallel=1,
+        models=[
+            {"path": str(smollm2), "alias": ALIAS, "ctx": CTX, "parallel": 1},
+            {"path": str(minilm_path()), "alias": EMBEDDER},
+        ],
+        preload=[ALIAS, EMBEDDER],
         api_keys=API_KEYS,
         max_queue=1,
         max_body_bytes=MAX_BODY_BYTES,
