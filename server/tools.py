@@ -516,8 +516,8 @@ class ToolCallStream:
         return content, None
 
     @property
-    def has_calls(self) -> bool:
-        return bool(self._parsed.calls)
+    def has_complete_calls(self) -> bool:
+        return bool(self._parsed.calls) and all(call.complete for call in self._parsed.calls)
 
     def _new_id(self) -> str:
         if self.format == "mistral":  # its template refuses other ids when the call comes back in the history
@@ -526,8 +526,9 @@ class ToolCallStream:
 
 
 def finish_reason(reason: EngineFinishReason, stream: ToolCallStream) -> FinishReason:
-    """OpenAI's "tool_calls" when the reply ended by itself in calls; a cut reply stays "length"."""
-    return "tool_calls" if stream.has_calls and reason == "stop" else reason
+    """OpenAI's "tool_calls" when the reply ended by itself in whole calls; one cut by max_tokens stays
+    "length", one cut by a stop string "stop" (its last call's arguments are not whole JSON)."""
+    return "tool_calls" if stream.has_complete_calls and reason == "stop" else reason
 
 
 def reply(plan: ToolPlan | None, text: str, reason: EngineFinishReason) -> dict[str, Any]:

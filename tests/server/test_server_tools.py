@@ -167,6 +167,16 @@ def test_a_call_cut_short_keeps_its_partial_arguments() -> None:
     assert [(c.name, c.arguments, c.complete) for c in parsed.calls] == [("get_time", '{"zone": "Eu', False)]
 
 
+def test_finish_reason_says_tool_calls_only_for_whole_calls() -> None:
+    from server.tools import finish_reason
+
+    whole, cut = ToolCallStream("hermes", calls_expected=True), ToolCallStream("hermes", calls_expected=True)
+    whole.finish('<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>')
+    cut.finish('<tool_call>{"name": "get_time", "arguments": {"zone": "U')  # a stop string cut it
+    assert finish_reason("stop", whole) == "tool_calls" and finish_reason("length", whole) == "length"
+    assert finish_reason("stop", cut) == "stop" and finish_reason("length", cut) == "length"
+
+
 def test_held_back_text_that_never_becomes_a_marker_is_released() -> None:
     stream = ToolCallStream("hermes", calls_expected=True)
     assert stream.feed("a <tool_") == ("a", [])  # may still become <tool_call>
