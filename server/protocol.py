@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from server.errors import InvalidRequestError
 
@@ -26,6 +26,11 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+# A field recognised and refused whatever its value (a 400 that names it and says what to send instead): the
+# OpenAPI document gives null, the one value it takes, so that a client reading the document never sends it.
+Refused = Annotated[Any, WithJsonSchema({"type": "null", "description": "Not supported by this server"})]
 
 
 def _unsupported(what: str, fix: str) -> Any:
@@ -141,8 +146,8 @@ class AssistantMessage(_Strict):
     tool_calls: list[ToolCall] | None = None
     # Output-only fields that clients send back when they append a previous reply to the conversation.
     annotations: list[Any] | None = None
-    audio: Any = None
-    function_call: Any = None
+    audio: Refused = None
+    function_call: Refused = None
 
     _no_audio = field_validator("audio")(_unsupported("assistant audio", "send the transcript as content"))
     _no_function_call = field_validator("function_call")(
@@ -228,7 +233,10 @@ class _SamplingRequest(_Strict):
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # The keys are token ids, which the document says; the vocabulary's size is checked once the model is known.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}
+    )
     # Choices per request; the model's sequences (--parallel) are the real limit, checked in serving.py.
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: bool | None = None
@@ -240,9 +248,9 @@ class _SamplingRequest(_Strict):
     cache_prompt: bool | None = None
     grammar: Annotated[str, Field(min_length=1)] | None = None
     json_schema: dict[str, Any] | None = None
-    id_slot: Any = None
-    n_probs: Any = None
-    timings_per_token: Any = None
+    id_slot: Refused = None
+    n_probs: Refused = None
+    timings_per_token: Refused = None
 
     _no_id_slot = field_validator("id_slot")(
         _unsupported(
@@ -322,11 +330,11 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
+    functions: Refused = None
+    function_call: Refused = None
+    audio: Refused = None
+    modalities: Refused = None
+    prediction: Refused = None
 
     _no_functions = field_validator("functions", "function_call")(
         _unsupported("legacy function calling (functions, function_call)", "send tools and tool_choice instead")
@@ -388,8 +396,8 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: PositiveInt | None = 16  # the OpenAI default for completions
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     echo: bool | None = None
-    best_of: PositiveInt | None = None
-    suffix: str | None = None
+    best_of: Annotated[PositiveInt | None, WithJsonSchema({"anyOf": [{"const": 1}, {"type": "null"}]})] = None
+    suffix: Refused = None
 
     _no_suffix = field_validator("suffix")(_unsupported("suffix (insertion)", "remove `suffix`"))
 
