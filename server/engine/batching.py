@@ -48,7 +48,7 @@ from server.engine.protocol import (
     StepStats,
     TokenEvent,
 )
-from server.engine.sampling import logprobs_of_row, sampler_chain
+from server.engine.sampling import RequestSampler, logprobs_of_row
 from server.engine.textstream import TextAssembler
 from server.engine.vocab import token_piece
 
@@ -84,7 +84,7 @@ class _Active:
     leader: _Active | None = None
     followers: list[_Active] = field(default_factory=list)
     cached: int = 0  # prompt tokens reused from the slot's cache
-    chain: Any = None  # llama_sampler * (the request's own chain)
+    sampler: RequestSampler | None = None  # its own chain and grammar
     assembler: TextAssembler | None = None
     limit: int = 0  # tokens it may generate
     generated: int = 0
@@ -290,7 +290,7 @@ class BatchScheduler:
             own = dataclasses.replace(
                 request, sampling=dataclasses.replace(request.sampling, seed=request.sampling.seed + index)
             )
-        active.chain = sampler_chain(self._lc, self._vocab, self.facts.n_vocab, self.facts.n_ctx_seq, own)
+        active.sampler = RequestSampler(self._lc, self._vocab, self.facts.n_vocab, self.facts.n_ctx_seq, own)
         slot.active = active
         slot.last_used_s = time.monotonic()
         self._active[active.key] = active
@@ -414,7 +414,8 @@ class BatchScheduler:
             logprob = None
             if request.logprobs is not None:
                 logprob = logprobs_of_row(lc, self._ctx, self._vocab, self.facts.n_vocab, active.row, request.logprobs)
-            token = lc.llama_sampler_sample(active.chain, self._ctx, active.row)
+            assert active.sampler is not None
+            token = active.sampler.sample(self._ctx, active.row)
             now = time.perf_counter()
             if lc.llama_vocab_is_eog(self._vocab, token):
                 self._finish(active, events, reason="stop")
@@ -480,9 +481,9 @@ class BatchScheduler:
         for follower in active.followers:  # choices still waiting for this prompt cannot go on without it
             self._release(follower, clear=True)
         active.followers.clear()
-        if active.chain is not None:
-            self._lc.llama_sampler_free(active.chain)
-            active.chain = None
+        if active.sampler is not None:
+            active.sampler.free()
+            active.sampler = None
         slot = active.slot
         slot.active = None
         slot.last_used_s = time.monotonic()
