@@ -10,7 +10,10 @@ threads only ``submit`` and ``cancel``. Each step:
           choices waits for n). A sequence whose cached tokens the prompt continues (the next turn of its
           chat) or repeats is taken, the longest shared prefix first; otherwise the least recently used idle
           one, so that a new conversation evicts the oldest cache rather than one that merely shares the
-          system prompt. The other n - 1 choices take the least recently used idle sequences and wait.
+          system prompt; when another sequence (idle or busy) holds a longer start of the prompt, such as
+          the system prompt, its cache is copied over (llama_memory_seq_cp) and trimmed to that start, so the
+          prefix is not decoded again. The other n - 1 choices take the least recently used idle sequences
+          and wait.
   Step 3: build the batch: the last sampled token of every generating request first (one each, so streams
           never wait for prompts), then prompt chunks in admission order until the step's token budget
           (``step_tokens``, one physical batch by default) is spent: a 4,000-token prompt is prefilled over
@@ -59,6 +62,9 @@ Event = TokenEvent | FinishEvent | ErrorEvent
 Emit = Callable[[list[tuple[int, Event]], StepStats | None, EngineStats], None]
 
 DECODE_OK, DECODE_NO_KV_SLOT, DECODE_ABORTED = 0, 1, 2
+# A shared prefix shorter than this is decoded again rather than copied: copying a sequence's cache costs a
+# pass over its whole stream with a cache per sequence, about what decoding a handful of tokens costs.
+MIN_PREFIX_COPY_TOKENS = 16
 
 
 @dataclass
@@ -311,17 +317,35 @@ class BatchScheduler:
                 n += 1
             return n
 
-        lengths = {s.seq_id: shared(s) for s in idle}
+        lengths = {s.seq_id: shared(s) for s in self._slots}
         reusable = [s for s in idle if lengths[s.seq_id] and lengths[s.seq_id] >= min(len(s.tokens), len(prompt) - 1)]
         slot = max(reusable, key=lambda s: lengths[s.seq_id]) if reusable else min(idle, key=lambda s: s.last_used_s)
         # At least one prompt token must be decoded again: sampling needs its logits.
         keep = min(lengths[slot.seq_id], len(prompt) - 1)
+        if not reusable:
+            keep = max(keep, self._copy_prefix(slot, prompt, lengths))
         if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
             # Some caches (recurrent, reduced sliding window) cannot drop a tail; start the sequence over.
             self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
             keep = 0
         del slot.tokens[keep:]
         return slot, keep
+
+    def _copy_prefix(self, slot: _Slot, prompt: list[int], lengths: dict[int, int]) -> int:
+        """A new conversation whose start another sequence holds (the system prompt of every chat, a shared
+        document) gets a copy of that sequence's cache instead of decoding the prefix again; the donor keeps its
+        own conversation. Returns the prompt tokens now in ``slot`` (0 when no copy is worth it)."""
+        donor = max((s for s in self._slots if s is not slot), key=lambda s: lengths[s.seq_id], default=None)
+        if donor is None:
+            return 0
+        gain = min(lengths[donor.seq_id], len(prompt) - 1)
+        if gain - min(lengths[slot.seq_id], len(prompt) - 1) < MIN_PREFIX_COPY_TOKENS:
+            return 0
+        # Whole sequences only: with a cache per sequence llama.cpp copies whole streams (then the tail goes).
+        self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        self._lc.llama_memory_seq_cp(self._mem, donor.seq_id, slot.seq_id, -1, -1)
+        slot.tokens[:] = donor.tokens[:gain]
+        return gain
 
     def _fill_batch(self) -> list[tuple[_Active, int]]:
         """Step 3: generating requests' next tokens, then prompt chunks within the budget; (request, n tokens)."""

@@ -242,6 +242,47 @@ def test_a_sequence_that_fills_its_own_cache_ends_with_length_and_only_it(http: 
     assert_nothing_leaked(http)
 
 
+SYSTEM = (
+    "You are the help desk of a small town library. Answer in one short sentence, politely, and never invent "
+    "opening hours, fees or titles that you were not told about."
+)
+
+
+def conversation(http: httpx.Client, messages: list[dict[str, str]], **params: Any) -> dict[str, Any]:
+    body = {"model": ALIAS, "messages": messages, "max_tokens": 16, "temperature": 0, **params}
+    reply = http.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def test_a_new_conversation_copies_the_shared_system_prompt_and_the_old_one_keeps_its_cache(
+    http: httpx.Client,
+) -> None:
+    """A new chat whose system prompt another sequence holds gets a copy of that cache (llama_memory_seq_cp)
+    instead of decoding it again, and the conversation it was copied from still continues from its cache."""
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Do you lend maps of the coast?"}]
+    reply = conversation(http, first)
+    first_prompt = reply["usage"]["prompt_tokens"]
+    # Another conversation with the same system prompt: it takes an idle sequence, but not the first one's.
+    second = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where can I print a letter?"}]
+    copied = conversation(http, second)
+    assert copied["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16, copied["usage"]
+    assert copied["usage"]["prompt_tokens_details"]["cached_tokens"] < copied["usage"]["prompt_tokens"]
+    # The copy is the cache a full prefill writes: the same answer as decoding every prompt token again.
+    fresh = conversation(http, second, cache_prompt=False)
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert copied["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+    # The first conversation goes on where it was: its whole earlier prompt is still cached.
+    follow_up = [
+        *first,
+        {"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "And of the hills?"},
+    ]
+    resumed = conversation(http, follow_up)
+    assert resumed["usage"]["prompt_tokens_details"]["cached_tokens"] >= first_prompt
+    assert_nothing_leaked(http)
+
+
 def test_a_full_queue_is_a_429_and_the_rest_complete(smollm2: Path) -> None:
     settings = make_settings(models=[{"path": str(smollm2), "alias": ALIAS}], ctx=2 * 512, parallel=2, max_queue=1)
     live = LiveServer(create_app(settings)).start()
