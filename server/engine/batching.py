@@ -17,7 +17,8 @@ threads only ``submit`` and ``cancel``. Each step:
   Step 3: build the batch: the last sampled token of every generating request first (one each, so streams
           never wait for prompts), then prompt chunks in admission order until the step's token budget
           (``step_tokens``, one physical batch by default) is spent: a 4,000-token prompt is prefilled over
-          several steps while the running streams keep their pace.
+          several steps while the running streams keep their pace. The rows go in sequence-id order, which
+          is what lets llama.cpp evaluate a step with a cache per sequence as one micro-batch.
   Step 4: llama_decode. When the KV cache has no room (a unified cache shared by all sequences), free idle
           sequences' caches, oldest first; if that is not enough, the most recently admitted request gives
           way: a prompt still prefilling goes back to the head of the queue, a generating one ends with
@@ -367,12 +368,13 @@ class BatchScheduler:
             entries.append((active, len(tokens)))
 
         ordered = sorted(self._active.values(), key=_order)
+        rows: list[tuple[_Active, Sequence[int], bool]] = []
         for active in ordered:
             active.row = -1
             if active.pending is not None:
-                put(active, [active.pending], True)
-        budget = self.step_tokens - n
-        for active in ordered:
+                rows.append((active, [active.pending], True))
+        budget = self.step_tokens - len(rows)
+        for active in ordered:  # the prompt budget goes in admission order
             if budget <= 0:
                 break
             if not active.prefilling:
@@ -380,8 +382,13 @@ class BatchScheduler:
             prompt = active.request.prompt_tokens
             remaining = prompt[len(active.slot.tokens) :]
             chunk = remaining[:budget]
-            put(active, chunk, len(chunk) == len(remaining))
+            rows.append((active, chunk, len(chunk) == len(remaining)))
             budget -= len(chunk)
+        # Rows in sequence-id order: with a cache per sequence llama.cpp cuts a batch into micro-batches of
+        # consecutive sequence ids in the order they come (split_equal, sequential), one graph evaluation each;
+        # in admission order the 16 streams of a step could take a dozen evaluations instead of one.
+        for active, tokens, logits_last in sorted(rows, key=lambda row: row[0].slot.seq_id):
+            put(active, tokens, logits_last)
         batch.n_tokens = n
         return entries
 
