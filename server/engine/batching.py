@@ -527,7 +527,8 @@ class BatchScheduler:
         if choices:
             # The client is gone: its sequences and KV cells are freed now, not kept as a prefix cache.
             for active in choices:
-                self._release(active, clear=True)
+                if active.key in self._active:  # releasing choice 0 already released those waiting for it
+                    self._release(active, clear=True)
             self._wait_for_room = False
             return
         self._waiting = collections.deque(item for item in self._waiting if item[0] != rid)
@@ -569,5 +570,6 @@ class BatchScheduler:
 
 
 def _order(active: _Active) -> tuple[int, int]:
-    """Admission order, then choice: the order of rows in a batch and of sampling."""
+    """Admission order, then choice: the order of the prompt budget, of giving way and of sampling (the rows
+    of a batch go in sequence-id order)."""
     return (active.admitted, active.index)

@@ -95,8 +95,8 @@ class RequestSampler:
             raise
         if self.grammar is not None:
             # The candidate arrays are allocated once per request, not once per token.
+            self._ids = np.arange(n_vocab, dtype=np.int32)
             self._candidates = np.zeros(n_vocab, dtype=_TOKEN_DATA)
-            self._candidates["id"] = np.arange(n_vocab, dtype=np.int32)
             data = self._candidates.ctypes.data_as(ctypes.POINTER(lc.llama_token_data))
             self._all = lc.llama_token_data_array(data, n_vocab, -1, False)
             self._one = lc.llama_token_data()
@@ -121,7 +121,7 @@ class RequestSampler:
     def _pick(self, logits: Any, *, grammar_first: bool) -> int:
         candidates, array = self._candidates, self._all
         # Samplers sort and shrink the array in place: every pass starts from the whole vocabulary in id order.
-        candidates["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        candidates["id"] = self._ids
         candidates["logit"] = logits
         candidates["p"] = 0.0
         array.size, array.selected, array.sorted = self._n_vocab, -1, False
