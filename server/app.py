@@ -60,7 +60,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry.start_loading(on_load_failure)
+        registry.start_loading(on_load_failure, event_loop=asyncio.get_running_loop())
         recovery = start_rpc_recovery(registry, settings)  # reloads models when a dead RPC worker is back
         try:
             yield

@@ -89,7 +89,7 @@ class Metrics:
         self._window_lock = threading.Lock()
 
     def observe_step(self, model: str, step: StepStats) -> None:
-        """Record one batching step of ``model`` (called from the engine's reader thread)."""
+        """Record one batching step of ``model`` (called where the engine's messages are read: the event loop)."""
         self.step_tokens.labels(model).observe(step.batch_tokens)
         self.step_sequences.labels(model).observe(step.decode_sequences)
         self.step_seconds.labels(model).observe(step.step_s)

@@ -332,6 +332,9 @@ class ModelRegistry:
         self.devices = list(devices)  # as inventoried at start-up, capped by --device-limit
         self.host_free_bytes = host_free_bytes
         self.step_observer: StepObserver | None = None
+        # The server's event loop, which reads what the engine processes send (server.engine.client); None
+        # outside a server: each engine process then has a reader thread.
+        self.event_loop: asyncio.AbstractEventLoop | None = None
         self._groups: list[EngineGroup] = []  # the engine processes, live ones (dead ones are dropped)
         self._group_of: dict[str, EngineGroup] = {}  # alias -> the engine process that holds (or last held) it
         self._rpc_processes = 0  # numbers the engine processes started for RPC workers, for the log
@@ -469,7 +472,8 @@ class ModelRegistry:
         else:
             label = model.alias
         level = self.settings.log_level.upper() if self.settings is not None else "INFO"
-        group = EngineGroup(label, WorkerProcess(label, log_level=level, on_step=self._on_step), set(endpoints))
+        worker = WorkerProcess(label, log_level=level, on_step=self._on_step, loop=self.event_loop)
+        group = EngineGroup(label, worker, set(endpoints))
         with self._lock:
             self._groups.append(group)
         group.worker.on_death(lambda reason: self._engine_died(group, reason))
@@ -646,9 +650,16 @@ class ModelRegistry:
         finally:
             self._preloading = False
 
-    def start_loading(self, on_failure: Callable[[BaseException], None] | None = None) -> threading.Thread:
+    def start_loading(
+        self,
+        on_failure: Callable[[BaseException], None] | None = None,
+        *,
+        event_loop: asyncio.AbstractEventLoop | None = None,
+    ) -> threading.Thread:
         """Load the start-up models in a background thread, then expire idle models while the server runs;
-        ``on_failure`` is called (in that thread) if a start-up load fails."""
+        ``on_failure`` is called (in that thread) if a start-up load fails. ``event_loop``: the server's loop,
+        which then reads what the engine processes send."""
+        self.event_loop = event_loop
         self._preloading = any(m.state == "planned" for m in self.models.values())
 
         def run() -> None:

@@ -1,9 +1,14 @@
 """The HTTP process's side of the engine: the worker process it talks to, and the Engine of one model in it.
 
 ``WorkerProcess`` starts ``python -m server.engine.worker``, sends it calls and requests, and routes what it
-sends back from one reader thread: replies to the waiting caller, each step's events to the asyncio queue of
-each request, step statistics to the observer. When the worker exits (a crash inside llama.cpp, a dead RPC
-server, a kill), every call and request in flight ends with EngineDeadError and the death callbacks run.
+sends back: replies to the waiting caller, each step's events to the asyncio queue of each request, step
+statistics to the observer. When the worker exits (a crash inside llama.cpp, a dead RPC server, a kill), every
+call and request in flight ends with EngineDeadError and the death callbacks run.
+
+What the worker sends is read by the server's event loop itself when the process is given one (``loop=``):
+a token then costs one wake-up of the loop, where a reader thread costs a wake-up of that thread, a hand-over
+of the GIL and a second wake-up of the loop; on a machine whose cores llama.cpp's threads fill, that CPU comes
+out of the decode (docs/BENCHMARKS.md §4). Without a loop (tests, tools) a reader thread does the same work.
 
 ``WorkerEngine`` is one model in a worker: it tokenizes here (``Tokenizer``, the vocabulary alone) and
 generates there.
@@ -17,8 +22,10 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -61,23 +68,39 @@ class _Stream:
 class WorkerProcess:
     """One engine process; thread-safe. See the module docstring."""
 
-    def __init__(self, name: str, *, log_level: str = "INFO", on_step: StepObserver | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        log_level: str = "INFO",
+        on_step: StepObserver | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """``loop``: the event loop that reads what the worker sends (see the module docstring); it must be
+        running, and this constructor must not run on it (it waits for the loop to take the socket)."""
+        if loop is not None and _running_loop() is loop:
+            raise RuntimeError("a WorkerProcess that its event loop reads must be started off that loop")
         self.name = name
         self.on_step = on_step
-        ours, theirs = socket.socketpair()
+        # One socket pair each way: we write requests from any thread with blocking sends, and what the
+        # worker sends may be read by an event loop, which makes its socket non-blocking.
+        to_worker, worker_in = socket.socketpair()
+        from_worker, worker_out = socket.socketpair()
         env = dict(os.environ)
         # The worker must import this very server package, installed or not.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         env.setdefault("GGML_NO_BACKTRACE", "1")  # on an abort ggml would attach gdb: slow and noisy
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the tuner's numbering (tuner/inventory/nvidia.py)
+        fds = (worker_in.fileno(), worker_out.fileno())
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "server.engine.worker", str(theirs.fileno()), log_level],
-            pass_fds=(theirs.fileno(),),
+            [sys.executable, "-m", "server.engine.worker", str(fds[0]), str(fds[1]), log_level],
+            pass_fds=fds,
             env=env,
             stdin=subprocess.DEVNULL,
         )
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        worker_in.close()
+        worker_out.close()
+        self._conn = Connection(to_worker.detach())
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._calls: dict[int, concurrent.futures.Future[Any]] = {}
@@ -86,8 +109,22 @@ class WorkerProcess:
         self._on_death: list[Callable[[str], None]] = []
         self.dead_reason: str | None = None
         self._closing = False
-        self._reader = threading.Thread(target=self._read, name=f"engine-{name}", daemon=True)
-        self._reader.start()
+        self._gone = threading.Event()  # set once the death of the process has been handled
+        self._loop = loop
+        if loop is None:
+            inbound = Connection(from_worker.detach())
+            threading.Thread(target=self._read, args=(inbound,), name=f"engine-{name}", daemon=True).start()
+        else:
+            connected = asyncio.run_coroutine_threadsafe(
+                loop.create_connection(lambda: _FrameReader(self), sock=from_worker), loop
+            )
+            try:
+                connected.result(timeout=30)
+            except BaseException:
+                self._proc.kill()
+                self._proc.wait()
+                from_worker.close()
+                raise
 
     @property
     def pid(self) -> int:
@@ -150,47 +187,58 @@ class WorkerProcess:
             # The reader notices the same and fails everything in flight; say so to this caller now.
             raise EngineDeadError(f"the engine process is gone ({exc})") from exc
 
-    # -- the reader thread --
+    # -- what the worker sends --
 
-    def _read(self) -> None:
+    def _read(self, inbound: Connection) -> None:
+        """The reader thread of a process without an event loop."""
         while True:
             try:
-                message = self._conn.recv()
+                message = inbound.recv()
             except (EOFError, OSError):
                 break
             except Exception:  # an unpicklable message is a bug, not a reason to stop serving
                 log.exception("engine %s sent a message that could not be read", self.name)
                 continue
-            kind = message[0]
-            if kind == "step":
-                _, key, events, step, stats = message
-                if events:
-                    self._deliver(events)
-                if self.on_step is not None:
-                    try:
-                        self.on_step(key, step, stats)
-                    except Exception:
-                        log.exception("step observer failed")
-            elif kind == "reply":
-                _, call_id, ok, value = message
-                with self._lock:
-                    future = self._calls.pop(call_id, None)
-                if future is None:
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    error_type, text = value
-                    future.set_exception(_remote_error(error_type, text))
+            self._dispatch(message)
+        with contextlib.suppress(OSError):
+            inbound.close()
         self._died()
 
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "step":
+            _, key, events, step, stats = message
+            if events:
+                self._deliver(events)
+            if self.on_step is not None:
+                try:
+                    self.on_step(key, step, stats)
+                except Exception:
+                    log.exception("step observer failed")
+        elif kind == "reply":
+            _, call_id, ok, value = message
+            with self._lock:
+                future = self._calls.pop(call_id, None)
+            if future is None:
+                return
+            if ok:
+                future.set_result(value)
+            else:
+                error_type, text = value
+                future.set_exception(_remote_error(error_type, text))
+
     def _deliver(self, events: Sequence[tuple[int, Any]]) -> None:
-        # One hop into each event loop per step, not one per token: the loop is the scarce resource.
+        # Streams of the loop that reads the worker get their events at once; any other loop gets one hop
+        # per step, not one per token: the loop is the scarce resource.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
         with self._lock:
             for rid, event in events:
                 stream = self._streams.get(rid)
-                if stream is not None:
+                if stream is None:
+                    continue
+                if stream.loop is self._loop:
+                    stream.queue.put_nowait(event)
+                else:
                     by_loop.setdefault(stream.loop, []).append((stream, event))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
@@ -218,6 +266,7 @@ class WorkerProcess:
                 callback(reason)
             except Exception:
                 log.exception("engine death callback failed")
+        self._gone.set()
 
     @staticmethod
     def _deliver_direct(streams: Mapping[int, _Stream], event: ErrorEvent) -> None:
@@ -240,12 +289,59 @@ class WorkerProcess:
             self._proc.kill()
         with contextlib.suppress(OSError):
             self._conn.close()
-        self._reader.join(timeout=timeout_s)
+        self._gone.wait(timeout=timeout_s)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the worker (tests use it to crash an engine)."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._proc.pid, sig)
+
+
+class _FrameReader(asyncio.Protocol):
+    """Reads the worker's messages on the event loop: multiprocessing's framing (a 4-byte big-endian length,
+    or -1 and an 8-byte one) around a pickle, as ``Connection.send`` writes them."""
+
+    def __init__(self, process: WorkerProcess) -> None:
+        self._process = process
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while True:
+            if len(buffer) - start < 4:
+                break
+            (size,) = struct.unpack_from("!i", buffer, start)
+            header = 4
+            if size == -1:
+                if len(buffer) - start < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buffer, start + 4)
+                header = 12
+            end = start + header + size
+            if len(buffer) < end:
+                break
+            try:
+                message = pickle.loads(buffer[start + header : end])
+            except Exception:  # an unpicklable message is a bug, not a reason to stop serving
+                log.exception("engine %s sent a message that could not be read", self._process.name)
+            else:
+                self._process._dispatch(message)
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Every message the worker sent has been dispatched: now fail what is left. Waiting for the process's
+        # exit status takes a moment, so not on the loop.
+        threading.Thread(target=self._process._died, name=f"engine-{self._process.name}-exit", daemon=True).start()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _put_all(items: list[tuple[_Stream, Any]]) -> None:

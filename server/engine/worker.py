@@ -1,7 +1,7 @@
 """The engine process: hosts loaded models, each with its batch scheduler, and talks to the HTTP process.
 
-Started by ``server.engine.client.WorkerProcess`` as ``python -m server.engine.worker FD LOG_LEVEL``; FD is
-its end of a socket pair carrying pickled messages (multiprocessing's framing):
+Started by ``server.engine.client.WorkerProcess`` as ``python -m server.engine.worker IN_FD OUT_FD LOG_LEVEL``:
+its ends of two socket pairs, one each way, carrying pickled messages (multiprocessing's framing):
 
     HTTP process -> worker                         worker -> HTTP process
     ("call", call_id, method, args)                ("reply", call_id, ok, value | (error type, message))
@@ -36,8 +36,9 @@ log = logging.getLogger("llamasplit.worker")
 
 
 class Worker:
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+    def __init__(self, inbound: Connection, outbound: Connection) -> None:
+        self._conn = inbound
+        self._out = outbound
         self._send_lock = threading.Lock()
         self._models: dict[str, tuple[Any, BatchScheduler]] = {}
         self._embedders: dict[str, tuple[Any, EmbeddingRunner]] = {}
@@ -46,7 +47,7 @@ class Worker:
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:
-            self._conn.send(message)
+            self._out.send(message)
 
     def serve(self) -> None:
         """Read messages until the HTTP process closes its end (or asks to shut down)."""
@@ -207,7 +208,7 @@ def _route_llama_log() -> Any:
 
 
 def main(argv: list[str]) -> int:
-    fd, level = int(argv[0]), argv[1] if len(argv) > 1 else "INFO"
+    fd_in, fd_out, level = int(argv[0]), int(argv[1]), argv[2] if len(argv) > 2 else "INFO"
     # Ctrl-C reaches the whole process group; the server decides when its engines stop (it unloads them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # No PR_SET_PDEATHSIG: it fires when the *thread* that started us ends (the server's loader thread), not
@@ -216,8 +217,9 @@ def main(argv: list[str]) -> int:
         level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s[engine]: %(message)s", stream=sys.stderr
     )
     keep = _route_llama_log()
-    conn = Connection(socket.socket(fileno=fd).detach())
-    Worker(conn).serve()
+    inbound = Connection(socket.socket(fileno=fd_in).detach())
+    outbound = Connection(socket.socket(fileno=fd_out).detach())
+    Worker(inbound, outbound).serve()
     del keep
     sys.stderr.flush()
     # Skip interpreter and C++ static teardown: ggml's RPC client threads can stall or crash there.
