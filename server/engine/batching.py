@@ -8,12 +8,16 @@ threads only ``submit`` and ``cancel``. Each step:
           from the KV cache at once.
   Step 2: admit waiting requests, first come first served, while a sequence is free (a request for n
           choices waits for n). A sequence whose cached tokens the prompt continues (the next turn of its
-          chat) or repeats is taken, the longest shared prefix first; otherwise the least recently used idle
-          one, so that a new conversation evicts the oldest cache rather than one that merely shares the
-          system prompt; when another sequence (idle or busy) holds a longer start of the prompt, such as
-          the system prompt, its cache is copied over (llama_memory_seq_cp) and trimmed to that start, so the
-          prefix is not decoded again. The other n - 1 choices take the least recently used idle sequences
-          and wait.
+          chat) or repeats is taken, the longest shared prefix first. Otherwise an idle sequence that keeps
+          the busy sequence ids in as few runs of consecutive ids as possible, and among those the least
+          recently used, so that a new conversation evicts the oldest cache rather than one that merely
+          shares the system prompt. Consecutive ids matter because with a cache per sequence llama.cpp
+          evaluates one run of consecutive sequence ids per graph (split_equal, sequential): eight streams on
+          sequences 1, 3, 5, 7, 9, 11, 13, 15 would cost eight evaluations of the weights per step, on
+          sequences 4 to 11 one. When another sequence (idle or busy) holds a longer start of the prompt,
+          such as the system prompt, its cache is copied over (llama_memory_seq_cp) and trimmed to that
+          start, so the prefix is not decoded again. The other n - 1 choices take idle sequences by the same
+          rule and wait.
   Step 3: build the batch: the last sampled token of every generating request first (one each, so streams
           never wait for prompts), then prompt chunks in admission order until the step's token budget
           (``step_tokens``, one physical batch by default) is spent: a 4,000-token prompt is prefilled over
@@ -275,7 +279,7 @@ class BatchScheduler:
         leader.cached = kept
         try:
             for index in range(1, request.n):
-                spare = min((s for s in self._slots if s.active is None), key=lambda s: s.last_used_s)
+                spare = self._free_slot([s for s in self._slots if s.active is None])
                 # Its cache is replaced by a copy of the prompt's once choice 0 has decoded it.
                 self._lc.llama_memory_seq_rm(self._mem, spare.seq_id, -1, -1)
                 spare.tokens.clear()
@@ -320,7 +324,7 @@ class BatchScheduler:
 
         lengths = {s.seq_id: shared(s) for s in self._slots}
         reusable = [s for s in idle if lengths[s.seq_id] and lengths[s.seq_id] >= min(len(s.tokens), len(prompt) - 1)]
-        slot = max(reusable, key=lambda s: lengths[s.seq_id]) if reusable else min(idle, key=lambda s: s.last_used_s)
+        slot = max(reusable, key=lambda s: lengths[s.seq_id]) if reusable else self._free_slot(idle)
         # At least one prompt token must be decoded again: sampling needs its logits.
         keep = min(lengths[slot.seq_id], len(prompt) - 1)
         if not reusable:
@@ -331,6 +335,17 @@ class BatchScheduler:
             keep = 0
         del slot.tokens[keep:]
         return slot, keep
+
+    def _free_slot(self, idle: list[_Slot]) -> _Slot:
+        """The idle slot for a request that reuses no cache: the busy sequence ids stay in the fewest runs of
+        consecutive ids (one graph evaluation each per step), then the least recently used."""
+        busy = {s.seq_id for s in self._slots if s.active is not None}
+
+        def runs(seq_id: int) -> int:
+            ids = busy | {seq_id}
+            return sum(1 for i in ids if i - 1 not in ids)
+
+        return min(idle, key=lambda s: (runs(s.seq_id), s.last_used_s))
 
     def _copy_prefix(self, slot: _Slot, prompt: list[int], lengths: dict[int, int]) -> int:
         """A new conversation whose start another sequence holds (the system prompt of every chat, a shared

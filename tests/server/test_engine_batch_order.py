@@ -52,12 +52,12 @@ def run_until_done(scheduler: Any, rids: set[int]) -> None:
 
 def test_rows_go_in_sequence_id_order_not_admission_order(scheduler: Any) -> None:
     # Use sequences 0 and 1 first, so that the least recently used ones are 2 and 3: the next four requests
-    # are then admitted into sequences 2, 3, 0, 1.
+    # are then admitted into sequences 2, 3, 1, 0 (least recently used, next to the busy ones).
     scheduler.step([("submit", 1, request(400, 2)), ("submit", 2, request(401, 2))])
     run_until_done(scheduler, {1, 2})
     scheduler.step([("submit", 10 + i, request(500 + i, 40)) for i in range(SEQUENCES)])
     admitted = [active.slot.seq_id for active in sorted(scheduler._active.values(), key=lambda a: a.admitted)]
-    assert admitted == [2, 3, 0, 1], admitted
+    assert admitted == [2, 3, 1, 0], admitted
     for _ in range(3):  # past the prompts: every row is one stream's next token
         scheduler.step()
     batch = scheduler._batch
@@ -66,3 +66,30 @@ def test_rows_go_in_sequence_id_order_not_admission_order(scheduler: Any) -> Non
     run_until_done(scheduler, {10, 11, 12, 13})
     stats = scheduler.stats()
     assert stats.busy_sequences == 0 and stats.kv_cells_untracked == 0
+
+
+def test_new_requests_take_sequences_next_to_the_busy_ones(smollm2: Path) -> None:
+    """Sequences freed in a scattered order (least recently used: 1, 3, 5, 7, ...) must not scatter the next
+    requests: llama.cpp evaluates each run of consecutive sequence ids as a graph of its own."""
+    sequences = 8
+    settings = LoadSettings(n_gpu_layers=0, n_ctx=sequences * 128, n_seq_max=sequences, n_threads=1)
+    opened = open_model(smollm2, settings)
+    finished: list[int] = []
+    scheduler = BatchScheduler(
+        opened, lambda events, _s, _t: finished.extend(r for r, e in events if isinstance(e, FinishEvent))
+    )
+    scheduler.finished = finished  # type: ignore[attr-defined]
+    try:
+        # Eight requests that end after different numbers of tokens: sequence i ends after steps[i].
+        steps = [8, 1, 7, 2, 6, 3, 5, 4]
+        scheduler.step([("submit", i, request(600 + i, steps[i])) for i in range(sequences)])
+        assert finished == [1]  # request i holds sequence i; request 1 ended at its first token
+        assert {a.rid: a.slot.seq_id for a in scheduler._active.values()} == {i: i for i in range(8) if i != 1}
+        run_until_done(scheduler, set(range(sequences)))
+        scheduler.step([("submit", 100 + i, request(700 + i, 20)) for i in range(4)])
+        taken = sorted(a.slot.seq_id for a in scheduler._active.values())
+        assert taken == list(range(taken[0], taken[0] + 4)), taken  # one run of consecutive ids
+        assert taken == [1, 2, 3, 4]  # the least recently used (1), then its least recently used neighbours
+        run_until_done(scheduler, {100, 101, 102, 103})
+    finally:
+        opened.close()
