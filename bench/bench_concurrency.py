@@ -555,10 +555,12 @@ def render(results: dict[str, Any]) -> str:
         if not table:
             continue
         out.append(f"\nratio {key}   (tok/s: higher is better; latencies: lower is better)")
-        out.append(f"{'N':>3} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p95':>8}")
+        out.append(f"{'N':>3} {'tok/s':>7} {'paired':>7} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p95':>8}")
         for n, r in table.items():
-            out.append(f"{n:>3} {fmt(r['tok_s'], '.2f'):>7} {fmt(r['ttft_p50'], '.2f'):>9} "
-                       f"{fmt(r['ttft_p95'], '.2f'):>9} {fmt(r['itl_p95'], '.2f'):>8}")  # fmt: skip
+            out.append(f"{n:>3} {fmt(r['tok_s'], '.2f'):>7} {fmt(r.get('tok_s_paired'), '.2f'):>7} "
+                       f"{fmt(r['ttft_p50'], '.2f'):>9} {fmt(r['ttft_p95'], '.2f'):>9} "
+                       f"{fmt(r['itl_p95'], '.2f'):>8}")  # fmt: skip
+        out.append("(tok/s: ratio of the medians; paired: median over repeats of the ratio within one repeat)")
     mixed = {name: data["mixed"] for name, data in rows.items() if data.get("mixed")}
     if mixed:
         out.append("\nmixed: short streams while long prompts arrive (ms; window = from their arrival to the last "
@@ -623,6 +625,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache", choices=["per-sequence", "unified"], default="per-sequence",
                    help="KV layout of both batching servers (ours defaults to per-sequence)")
     p.add_argument("--repeats", type=int, default=1, help="rounds per server and N (servers take turns)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="start every server once and alternate them round by round (pairs seconds apart) instead "
+                        "of one server after the other")  # fmt: skip
     p.add_argument("--ban-eos", choices=["none", "mixed", "all"], default="mixed",
                    help="forbid end-of-generation tokens (logit_bias -100) so that streams run to max_tokens: in the "
                         "mixed run's short streams (default; they must outlast the long prompts), everywhere, or "
@@ -658,22 +663,105 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def measure_clients(server: ServerProcess, args: argparse.Namespace, work: Workload, repeat: int, n: int,
+                    data: dict[str, Any]) -> None:  # fmt: skip
+    """One round of N clients, into `data`."""
+    bias = work.eog_bias if args.ban_eos == "all" else None
+    r = asyncio.run(run_round(server.url, n, f"r{repeat}n{n}", args.max_tokens, args.round_timeout, bias))
+    r["repeat"] = repeat
+    data["raw"].setdefault(str(n), []).append(r)
+    print(f"  {server.name:<16} N={n:<3} {r['tok_s']:8.1f} tok/s  {r['tokens']} tokens in {r['wall_s']:.2f} s  "
+          f"completed {r['completed']}/{n}", flush=True)  # fmt: skip
+
+
+def measure_mixed(server: ServerProcess, args: argparse.Namespace, work: Workload, repeat: int,
+                  data: dict[str, Any]) -> None:  # fmt: skip
+    m = asyncio.run(run_mixed(server.url, args, work, f"m{repeat}"))
+    data["mixed"].append(m)
+    print(f"  {server.name:<16} mixed: short ITL p95 {fmt(m['short_itl_p95_outside_ms'])} ms outside the window, "
+          f"{fmt(m['short_itl_p95_window_ms'])} ms during (max gap {fmt(m['short_max_gap_window_ms'], '.0f')} "
+          f"ms); long TTFT {m['long_ttft_ms']} ms", flush=True)  # fmt: skip
+
+
+def warm_up(server: ServerProcess, args: argparse.Namespace, tag: str) -> None:
+    asyncio.run(run_round(server.url, 1, f"warm{tag}", 8, args.round_timeout))
+
+
 def measure(server: ServerProcess, args: argparse.Namespace, work: Workload, repeat: int,
             data: dict[str, Any]) -> None:  # fmt: skip
     """Warm up, then one round per N and the mixed run, into `data`."""
-    asyncio.run(run_round(server.url, 1, f"warm{repeat}", 8, args.round_timeout))
+    warm_up(server, args, str(repeat))
     for n in args.clients:
-        bias = work.eog_bias if args.ban_eos == "all" else None
-        r = asyncio.run(run_round(server.url, n, f"r{repeat}n{n}", args.max_tokens, args.round_timeout, bias))
-        data["raw"].setdefault(str(n), []).append(r)
-        print(f"  N={n:<3} {r['tok_s']:8.1f} tok/s  {r['tokens']} tokens in {r['wall_s']:.2f} s  "
-              f"completed {r['completed']}/{n}", flush=True)  # fmt: skip
+        measure_clients(server, args, work, repeat, n, data)
     if args.mixed:
-        m = asyncio.run(run_mixed(server.url, args, work, f"m{repeat}"))
-        data["mixed"].append(m)
-        print(f"  mixed: short ITL p95 {fmt(m['short_itl_p95_outside_ms'])} ms outside the window, "
-              f"{fmt(m['short_itl_p95_window_ms'])} ms during (max gap {fmt(m['short_max_gap_window_ms'], '.0f')} "
-              f"ms); long TTFT {m['long_ttft_ms']} ms", flush=True)  # fmt: skip
+        measure_mixed(server, args, work, repeat, data)
+
+
+def run_in_turns(args: argparse.Namespace, model: Path, work: Workload, log_dir: Path,
+                 servers: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+    """One server at a time: started, measured at every N, stopped; the servers take turns per repeat."""
+    for repeat in range(args.repeats):
+        for name in args.servers:
+            data = servers[name]
+            port = free_port()
+            cmd = server_command(name, model, port, args, OURS_MAX_QUEUE)
+            data["command"] = cmd
+            print(f"[{repeat + 1}/{args.repeats}] {name}: {' '.join(cmd)}", flush=True)
+            try:
+                with ServerProcess(name, cmd, port, log_dir) as server:
+                    server.wait_ready(args.start_timeout)
+                    measure(server, args, work, repeat, data)
+            except (RuntimeError, asyncio.TimeoutError, httpx.HTTPError) as exc:
+                data["errors"].append(f"{type(exc).__name__}: {exc}")
+                print(f"  {name} failed: {exc}", flush=True)
+
+
+def run_side_by_side(args: argparse.Namespace, model: Path, work: Workload, log_dir: Path,
+                     servers: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+    """Every server started once and kept up (an idle one spends no CPU); each round of N clients goes to
+    one server after the other, seconds apart, in an order that rotates per repeat, so that a machine whose
+    speed drifts over minutes slows both sides of each pair alike."""
+    with contextlib.ExitStack() as stack:
+        running: dict[str, ServerProcess] = {}
+        for name in args.servers:
+            port = free_port()
+            cmd = server_command(name, model, port, args, OURS_MAX_QUEUE)
+            servers[name]["command"] = cmd
+            print(f"{name}: {' '.join(cmd)}", flush=True)
+            try:
+                server = stack.enter_context(ServerProcess(name, cmd, port, log_dir))
+                server.wait_ready(args.start_timeout)
+                warm_up(server, args, "")
+                running[name] = server
+            except (RuntimeError, asyncio.TimeoutError, httpx.HTTPError) as exc:
+                servers[name]["errors"].append(f"{type(exc).__name__}: {exc}")
+                print(f"  {name} failed: {exc}", flush=True)
+        names = list(running)
+        for repeat in range(args.repeats):
+            order = names[repeat % len(names) :] + names[: repeat % len(names)] if names else []
+            print(f"[{repeat + 1}/{args.repeats}] {', '.join(order)}", flush=True)
+            for n in args.clients:
+                for name in order:
+                    attempt(servers[name], measure_clients, running[name], args, work, repeat, n, servers[name])
+            if args.mixed:
+                for name in order:
+                    attempt(servers[name], measure_mixed, running[name], args, work, repeat, servers[name])
+
+
+def attempt(data: dict[str, Any], step: Callable[..., None], *args: Any) -> None:
+    """Run one measurement; a server that fails it has the error recorded, and the others go on."""
+    try:
+        step(*args)
+    except (RuntimeError, asyncio.TimeoutError, httpx.HTTPError) as exc:
+        data["errors"].append(f"{type(exc).__name__}: {exc}")
+        print(f"  failed: {exc}", flush=True)
+
+
+def paired_ratio(ours: list[dict[str, Any]], anchor: list[dict[str, Any]]) -> float | None:
+    """The median over repeats of ours / anchor tokens/s, each pair from the same repeat."""
+    by_repeat = {r["repeat"]: r["tok_s"] for r in anchor if r["tok_s"]}
+    pairs = [r["tok_s"] / by_repeat[r["repeat"]] for r in ours if r["repeat"] in by_repeat]
+    return round(statistics.median(pairs), 3) if pairs else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -696,20 +784,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers: dict[str, dict[str, Any]] = {
         name: {"command": None, "raw": {}, "mixed": [], "errors": []} for name in args.servers
     }
-    for repeat in range(args.repeats):
-        for name in args.servers:
-            data = servers[name]
-            port = free_port()
-            cmd = server_command(name, model, port, args, OURS_MAX_QUEUE)
-            data["command"] = cmd
-            print(f"[{repeat + 1}/{args.repeats}] {name}: {' '.join(cmd)}", flush=True)
-            try:
-                with ServerProcess(name, cmd, port, log_dir) as server:
-                    server.wait_ready(args.start_timeout)
-                    measure(server, args, work, repeat, data)
-            except (RuntimeError, asyncio.TimeoutError, httpx.HTTPError) as exc:
-                data["errors"].append(f"{type(exc).__name__}: {exc}")
-                print(f"  {name} failed: {exc}", flush=True)
+    if args.side_by_side:
+        run_side_by_side(args, model, work, log_dir, servers)
+    else:
+        run_in_turns(args, model, work, log_dir, servers)
 
     overload: dict[str, Any] | None = None
     if args.overload and "ours" in args.servers:
@@ -737,7 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in args.clients:
                 a, b = servers[num]["rounds"].get(str(n)), servers["llama-server"]["rounds"].get(str(n))
                 if a and b:
-                    table[str(n)] = {"tok_s": ratio(a["tok_s"], b["tok_s"]),
+                    paired = paired_ratio(servers[num]["raw"][str(n)], servers["llama-server"]["raw"][str(n)])
+                    table[str(n)] = {"tok_s": ratio(a["tok_s"], b["tok_s"]), "tok_s_paired": paired,
                                      "ttft_p50": ratio(a["ttft_p50_ms"], b["ttft_p50_ms"]),
                                      "ttft_p95": ratio(a["ttft_p95_ms"], b["ttft_p95_ms"]),
                                      "itl_p95": ratio(a["itl_p95_ms"], b["itl_p95_ms"])}  # fmt: skip
