@@ -18,6 +18,13 @@ threads only ``submit`` and ``cancel``. Each step:
           such as the system prompt, its cache is copied over (llama_memory_seq_cp) and trimmed to that
           start, so the prefix is not decoded again. The other n - 1 choices take idle sequences by the same
           rule and wait.
+          Requests that end leave holes between the busy ids (the tail of a burst of chats, answers of
+          different lengths). With a cache per sequence, generating streams outside the best window of
+          consecutive ids then move into its holes: llama_memory_seq_cp copies the stream's cache (one copy
+          of the stream buffer, about a step's worth of memory traffic) and the request continues there, so a
+          step is one graph evaluation again. An idle cache in a hole is first copied to the least recently
+          used idle sequence outside the window, when that one is older, so the conversation it holds keeps
+          its cache. Only streams with at least MIN_TOKENS_TO_MOVE tokens left are moved.
   Step 3: build the batch: the last sampled token of every generating request first (one each, so streams
           never wait for prompts), then prompt chunks in admission order until the step's token budget
           (``step_tokens``, one physical batch by default) is spent: a 4,000-token prompt is prefilled over
@@ -70,6 +77,9 @@ DECODE_OK, DECODE_NO_KV_SLOT, DECODE_ABORTED = 0, 1, 2
 # A shared prefix shorter than this is decoded again rather than copied: copying a sequence's cache costs a
 # pass over its whole stream with a cache per sequence, about what decoding a handful of tokens costs.
 MIN_PREFIX_COPY_TOKENS = 16
+# A stream moved to close a hole between busy sequence ids saves a graph evaluation per step from then on; one
+# about to end would not repay the copy of its cache.
+MIN_TOKENS_TO_MOVE = 16
 
 
 @dataclass
@@ -236,6 +246,8 @@ class BatchScheduler:
                 self._admit(rid, request)
             except EngineError as exc:
                 events.append((rid, ErrorEvent(exc.message)))
+        if not self.facts.kv_unified:  # one shared cache has no runs of ids to keep together
+            self._close_holes()
         # Steps 3 and 4: build and decode, making room in the cache when it is full.
         stats: StepStats | None = None
         started = time.perf_counter()
@@ -346,6 +358,66 @@ class BatchScheduler:
             return sum(1 for i in ids if i - 1 not in ids)
 
         return min(idle, key=lambda s: (runs(s.seq_id), s.last_used_s))
+
+    def _close_holes(self) -> None:
+        """Step 2's last part: move generating streams into the holes of the window of consecutive sequence
+        ids that already holds the most busy ones, when the busy ids form more than one run."""
+        busy = [s.seq_id for s in self._slots if s.active is not None]
+        count = len(busy)
+        if count < 2 or max(busy) - min(busy) + 1 == count:
+            return
+        movable = {
+            a.slot.seq_id
+            for a in self._active.values()
+            if a.pending is not None and a.leader is None and not a.followers
+            and a.limit - a.generated >= MIN_TOKENS_TO_MOVE
+        }
+        fixed = set(busy) - movable
+        best: list[int] | None = None  # the busy ids outside the best window
+        best_start = 0
+        for start in range(len(self._slots) - count + 1):
+            if any(not start <= i < start + count for i in fixed):
+                continue
+            outside = [i for i in busy if not start <= i < start + count]
+            if best is None or len(outside) < len(best):
+                best, best_start = outside, start
+        if not best:
+            return
+        window = range(best_start, best_start + count)
+        holes = [self._slots[i] for i in window if self._slots[i].active is None]
+        for source_id, hole in zip(sorted(best), holes, strict=True):
+            self._keep_idle_cache(hole, window)
+            self._move(self._slots[source_id], hole)
+
+    def _keep_idle_cache(self, hole: _Slot, window: range) -> None:
+        """Before a stream moves into ``hole``, copy the idle conversation cached there to the least recently
+        used idle sequence outside ``window``, if that one holds an older cache (or none)."""
+        if not hole.tokens:
+            return
+        spare = min(
+            (s for s in self._slots if s.active is None and s.seq_id not in window),
+            key=lambda s: s.last_used_s,
+            default=None,
+        )
+        if spare is None or spare.last_used_s >= hole.last_used_s:
+            return
+        self._lc.llama_memory_seq_rm(self._mem, spare.seq_id, -1, -1)
+        self._lc.llama_memory_seq_cp(self._mem, hole.seq_id, spare.seq_id, -1, -1)
+        spare.tokens[:] = hole.tokens
+        spare.last_used_s = hole.last_used_s
+
+    def _move(self, source: _Slot, target: _Slot) -> None:
+        """A generating stream continues in ``target``, with a copy of its cache. ``source`` keeps that copy as an
+        idle cache, the first to be evicted (the moved stream holds the same tokens)."""
+        active = source.active
+        assert active is not None and target.active is None
+        self._lc.llama_memory_seq_rm(self._mem, target.seq_id, -1, -1)
+        self._lc.llama_memory_seq_cp(self._mem, source.seq_id, target.seq_id, -1, -1)
+        target.tokens[:] = source.tokens
+        target.active, active.slot = active, target
+        target.last_used_s = source.last_used_s
+        source.active = None
+        source.last_used_s = 0.0
 
     def _copy_prefix(self, slot: _Slot, prompt: list[int], lengths: dict[int, int]) -> int:
         """A new conversation whose start another sequence holds (the system prompt of every chat, a shared

@@ -5,6 +5,7 @@ evaluation each; rows in admission order made a 16-stream step several evaluatio
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,5 +92,59 @@ def test_new_requests_take_sequences_next_to_the_busy_ones(smollm2: Path) -> Non
         assert taken == list(range(taken[0], taken[0] + 4)), taken  # one run of consecutive ids
         assert taken == [1, 2, 3, 4]  # the least recently used (1), then its least recently used neighbours
         run_until_done(scheduler, {100, 101, 102, 103})
+    finally:
+        opened.close()
+
+
+def test_streams_move_to_close_holes_and_answer_as_alone(smollm2: Path) -> None:
+    """Requests 1, 3 and 5 end early and leave holes at sequences 1, 3, 5 between streams that go on: the
+    streams on 6 and 7 move into 1 and 3 (one run, 0-4), answer exactly as they would alone, and the idle
+    conversation cached in sequence 3 is kept in another sequence, not overwritten."""
+    from server.engine.batching import MIN_TOKENS_TO_MOVE
+
+    sequences = 8
+    settings = LoadSettings(n_gpu_layers=0, n_ctx=sequences * 256, n_seq_max=sequences, n_threads=1)
+    opened = open_model(smollm2, settings)
+    texts: dict[int, list[str]] = {}
+    finished: list[int] = []
+
+    def emit(events: list[Any], _step: Any, _stats: Any) -> None:
+        for rid, event in events:
+            texts.setdefault(rid, []).append(event.text)
+            if isinstance(event, FinishEvent):
+                finished.append(rid)
+
+    scheduler = BatchScheduler(opened, emit)
+    scheduler.finished = finished  # type: ignore[attr-defined]
+    long_tokens = MIN_TOKENS_TO_MOVE + 24
+    limits = [long_tokens, 2, long_tokens, 2, long_tokens, 2, long_tokens, long_tokens]
+    try:
+        scheduler.step([("submit", i, request(800 + i, limits[i])) for i in range(sequences)])
+        while not {1, 3, 5} <= set(finished):
+            scheduler.step()
+        idle_three = list(scheduler._slots[3].tokens)  # request 3's conversation, cached in sequence 3
+        scheduler.step()  # admission, then the holes close
+        where = {a.rid: a.slot.seq_id for a in scheduler._active.values()}
+        assert sorted(where.values()) == [0, 1, 2, 3, 4], where
+        assert where[0] == 0 and where[2] == 2 and where[4] == 4  # those already in the window stay
+        kept = [s.seq_id for s in scheduler._slots if s.active is None and s.tokens == idle_three]
+        assert kept, "the idle conversation of sequence 3 was overwritten"
+        run_until_done(scheduler, {0, 2, 4, 6, 7})
+        stats = scheduler.stats()
+        assert stats.busy_sequences == 0 and stats.kv_cells_untracked == 0
+        # Request 3's next turn finds its conversation cached.
+        follow_up = dataclasses.replace(request(0, 4), prompt_tokens=(*idle_three, 302, 303))
+        scheduler.step([("submit", 300, follow_up)])
+        (active,) = scheduler._active.values()
+        assert active.cached == len(idle_three)
+        run_until_done(scheduler, {300})
+
+        # The same requests alone, without any cache: the same text.
+        for rid in (0, 2, 4, 6, 7):
+            alone = 100 + rid
+            solo = dataclasses.replace(request(800 + rid, limits[rid]), cache_prompt=False)
+            scheduler.step([("submit", alone, solo)])
+            run_until_done(scheduler, {alone})
+            assert "".join(texts[alone]) == "".join(texts[rid]), rid
     finally:
         opened.close()
