@@ -637,7 +637,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mixed-short-tokens", type=int, default=256)
     p.add_argument("--mixed-long", type=int, default=4)
     p.add_argument("--mixed-long-tokens", type=int, default=16, help="max_tokens of the long prompts")
-    p.add_argument("--long-prompt-tokens", type=int, default=1500)
+    p.add_argument("--long-prompt-tokens", type=int,
+                   help="tokens of each long prompt (default: 1500, or less so that it fits one sequence's context "
+                        "with a per-sequence cache)")  # fmt: skip
     p.add_argument("--mixed-delay", type=float, default=1.0, help="seconds from all shorts streaming to the longs")
     p.add_argument("--mixed-wait", type=float, default=15.0,
                    help="longest wait for all short streams to stream before the long prompts go anyway")  # fmt: skip
@@ -654,6 +656,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "concurrency.json")
     args = p.parse_args(argv)
+    if args.long_prompt_tokens is None:
+        # The chat template and the answer need room too; a prompt over the context would only measure a 400.
+        room = args.ctx_per_seq - args.mixed_long_tokens - 96
+        args.long_prompt_tokens = 1500 if args.kv_cache == "unified" else min(1500, room)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
@@ -681,6 +687,8 @@ def measure_mixed(server: ServerProcess, args: argparse.Namespace, work: Workloa
     print(f"  {server.name:<16} mixed: short ITL p95 {fmt(m['short_itl_p95_outside_ms'])} ms outside the window, "
           f"{fmt(m['short_itl_p95_window_ms'])} ms during (max gap {fmt(m['short_max_gap_window_ms'], '.0f')} "
           f"ms); long TTFT {m['long_ttft_ms']} ms", flush=True)  # fmt: skip
+    if m["failed"]:
+        print(f"  {server.name:<16} mixed: {len(m['failed'])} requests failed, first: {m['failed'][0]}", flush=True)
 
 
 def warm_up(server: ServerProcess, args: argparse.Namespace, tag: str) -> None:
