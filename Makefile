@@ -94,7 +94,7 @@ bench: $(STAMP)/project $(STAMP)/models
 # only) and llama-cpp-python's server; docs/BENCHMARKS.md has the results. Run it on a quiet machine.
 bench-concurrency: $(STAMP)/project $(STAMP)/models
 	bench/build_llama_server.sh
-	nice -n 10 $(PY) bench/bench_concurrency.py --install-anchors
+	nice -n 10 $(PY) bench/bench_concurrency.py --install-anchors --side-by-side --repeats 3
 
 clean-venv:
 	rm -rf $(VENV)
