@@ -353,11 +353,11 @@ class BatchScheduler:
         consecutive ids (one graph evaluation each per step), then the least recently used."""
         busy = {s.seq_id for s in self._slots if s.active is not None}
 
-        def runs(seq_id: int) -> int:
-            ids = busy | {seq_id}
-            return sum(1 for i in ids if i - 1 not in ids)
+        def new_runs(seq_id: int) -> int:
+            # +1: a run of its own; 0: it extends a run; -1: it joins two runs into one.
+            return 1 - (seq_id - 1 in busy) - (seq_id + 1 in busy)
 
-        return min(idle, key=lambda s: (runs(s.seq_id), s.last_used_s))
+        return min(idle, key=lambda s: (new_runs(s.seq_id), s.last_used_s))
 
     def _close_holes(self) -> None:
         """Step 2's last part: move generating streams into the holes of the window of consecutive sequence
@@ -372,17 +372,22 @@ class BatchScheduler:
             if a.pending is not None and a.leader is None and not a.followers
             and a.limit - a.generated >= MIN_TOKENS_TO_MOVE
         }
-        fixed = set(busy) - movable
-        best: list[int] | None = None  # the busy ids outside the best window
-        best_start = 0
-        for start in range(len(self._slots) - count + 1):
-            if any(not start <= i < start + count for i in fixed):
-                continue
-            outside = [i for i in busy if not start <= i < start + count]
-            if best is None or len(outside) < len(best):
-                best, best_start = outside, start
-        if not best:
+        if not movable:
             return
+        fixed = [i for i in busy if i not in movable]
+        # The window of `count` consecutive ids must hold every stream that cannot move; of those windows,
+        # the one that already holds the most busy ids needs the fewest moves (the first of equals).
+        starts = range(
+            max(0, max(fixed) - count + 1) if fixed else 0,
+            (min(min(fixed), len(self._slots) - count) if fixed else len(self._slots) - count) + 1,
+        )
+        if not starts:
+            return
+        held = [0]
+        for slot in self._slots:
+            held.append(held[-1] + (slot.active is not None))
+        best_start = max(starts, key=lambda start: held[start + count] - held[start])
+        best = [i for i in busy if not best_start <= i < best_start + count]
         window = range(best_start, best_start + count)
         holes = [self._slots[i] for i in window if self._slots[i].active is None]
         for source_id, hole in zip(sorted(best), holes, strict=True):

@@ -5,6 +5,7 @@ evaluation each; rows in admission order made a 16-stream step several evaluatio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from server.engine.batching import BatchScheduler
+from server.engine.batching import MIN_TOKENS_TO_MOVE, BatchScheduler
 from server.engine.protocol import FinishEvent, GenerationRequest, SamplingParams
 from tuner import LoadSettings
 from tuner.llamacpp import open_model
@@ -69,42 +70,12 @@ def test_rows_go_in_sequence_id_order_not_admission_order(scheduler: Any) -> Non
     assert stats.busy_sequences == 0 and stats.kv_cells_untracked == 0
 
 
-def test_new_requests_take_sequences_next_to_the_busy_ones(smollm2: Path) -> None:
-    """Sequences freed in a scattered order (least recently used: 1, 3, 5, 7, ...) must not scatter the next
-    requests: llama.cpp evaluates each run of consecutive sequence ids as a graph of its own."""
-    sequences = 8
-    settings = LoadSettings(n_gpu_layers=0, n_ctx=sequences * 128, n_seq_max=sequences, n_threads=1)
-    opened = open_model(smollm2, settings)
-    finished: list[int] = []
-    scheduler = BatchScheduler(
-        opened, lambda events, _s, _t: finished.extend(r for r, e in events if isinstance(e, FinishEvent))
-    )
-    scheduler.finished = finished  # type: ignore[attr-defined]
-    try:
-        # Eight requests that end after different numbers of tokens: sequence i ends after steps[i].
-        steps = [8, 1, 7, 2, 6, 3, 5, 4]
-        scheduler.step([("submit", i, request(600 + i, steps[i])) for i in range(sequences)])
-        assert finished == [1]  # request i holds sequence i; request 1 ended at its first token
-        assert {a.rid: a.slot.seq_id for a in scheduler._active.values()} == {i: i for i in range(8) if i != 1}
-        run_until_done(scheduler, set(range(sequences)))
-        scheduler.step([("submit", 100 + i, request(700 + i, 20)) for i in range(4)])
-        taken = sorted(a.slot.seq_id for a in scheduler._active.values())
-        assert taken == list(range(taken[0], taken[0] + 4)), taken  # one run of consecutive ids
-        assert taken == [1, 2, 3, 4]  # the least recently used (1), then its least recently used neighbours
-        run_until_done(scheduler, {100, 101, 102, 103})
-    finally:
-        opened.close()
-
-
-def test_streams_move_to_close_holes_and_answer_as_alone(smollm2: Path) -> None:
-    """Requests 1, 3 and 5 end early and leave holes at sequences 1, 3, 5 between streams that go on: the
-    streams on 6 and 7 move into 1 and 3 (one run, 0-4), answer exactly as they would alone, and the idle
-    conversation cached in sequence 3 is kept in another sequence, not overwritten."""
-    from server.engine.batching import MIN_TOKENS_TO_MOVE
-
-    sequences = 8
-    settings = LoadSettings(n_gpu_layers=0, n_ctx=sequences * 256, n_seq_max=sequences, n_threads=1)
-    opened = open_model(smollm2, settings)
+@contextlib.contextmanager
+def fresh_scheduler(model: Path, sequences: int, ctx_per_seq: int) -> Iterator[tuple[Any, dict[int, list[str]]]]:
+    """A scheduler on its own context whose requests' text is gathered per request id (``finished`` lists
+    the ids in the order they ended)."""
+    settings = LoadSettings(n_gpu_layers=0, n_ctx=sequences * ctx_per_seq, n_seq_max=sequences, n_threads=1)
+    opened = open_model(model, settings)
     texts: dict[int, list[str]] = {}
     finished: list[int] = []
 
@@ -116,11 +87,38 @@ def test_streams_move_to_close_holes_and_answer_as_alone(smollm2: Path) -> None:
 
     scheduler = BatchScheduler(opened, emit)
     scheduler.finished = finished  # type: ignore[attr-defined]
+    try:
+        yield scheduler, texts
+    finally:
+        opened.close()
+
+
+def test_new_requests_take_sequences_next_to_the_busy_ones(smollm2: Path) -> None:
+    """Sequences freed in a scattered order (least recently used: 1, 3, 5, 7, ...) must not scatter the next
+    requests: llama.cpp evaluates each run of consecutive sequence ids as a graph of its own."""
+    with fresh_scheduler(smollm2, 8, 128) as (scheduler, _):
+        # Eight requests that end after different numbers of tokens: sequence i ends after steps[i].
+        steps = [8, 1, 7, 2, 6, 3, 5, 4]
+        scheduler.step([("submit", i, request(600 + i, steps[i])) for i in range(8)])
+        assert scheduler.finished == [1]  # request i holds sequence i; request 1 ended at its first token
+        assert {a.rid: a.slot.seq_id for a in scheduler._active.values()} == {i: i for i in range(8) if i != 1}
+        run_until_done(scheduler, set(range(8)))
+        scheduler.step([("submit", 100 + i, request(700 + i, 20)) for i in range(4)])
+        taken = sorted(a.slot.seq_id for a in scheduler._active.values())
+        assert taken == list(range(taken[0], taken[0] + 4)), taken  # one run of consecutive ids
+        assert taken == [1, 2, 3, 4]  # the least recently used (1), then its least recently used neighbours
+        run_until_done(scheduler, {100, 101, 102, 103})
+
+
+def test_streams_move_to_close_holes_and_answer_as_alone(smollm2: Path) -> None:
+    """Requests 1, 3 and 5 end early and leave holes at sequences 1, 3, 5 between streams that go on: the
+    streams on 6 and 7 move into 1 and 3 (one run, 0-4), answer exactly as they would alone, and the idle
+    conversation cached in sequence 3 is kept in another sequence, not overwritten."""
     long_tokens = MIN_TOKENS_TO_MOVE + 24
     limits = [long_tokens, 2, long_tokens, 2, long_tokens, 2, long_tokens, long_tokens]
-    try:
-        scheduler.step([("submit", i, request(800 + i, limits[i])) for i in range(sequences)])
-        while not {1, 3, 5} <= set(finished):
+    with fresh_scheduler(smollm2, 8, 256) as (scheduler, texts):
+        scheduler.step([("submit", i, request(800 + i, limits[i])) for i in range(8)])
+        while not {1, 3, 5} <= set(scheduler.finished):
             scheduler.step()
         idle_three = list(scheduler._slots[3].tokens)  # request 3's conversation, cached in sequence 3
         scheduler.step()  # admission, then the holes close
@@ -138,7 +136,6 @@ def test_streams_move_to_close_holes_and_answer_as_alone(smollm2: Path) -> None:
         (active,) = scheduler._active.values()
         assert active.cached == len(idle_three)
         run_until_done(scheduler, {300})
-
         # The same requests alone, without any cache: the same text.
         for rid in (0, 2, 4, 6, 7):
             alone = 100 + rid
@@ -146,5 +143,19 @@ def test_streams_move_to_close_holes_and_answer_as_alone(smollm2: Path) -> None:
             scheduler.step([("submit", alone, solo)])
             run_until_done(scheduler, {alone})
             assert "".join(texts[alone]) == "".join(texts[rid]), rid
-    finally:
-        opened.close()
+
+
+def test_a_stream_about_to_end_stays_and_the_others_move_around_it(smollm2: Path) -> None:
+    """A stream with fewer than MIN_TOKENS_TO_MOVE tokens left is not moved (its copy would not pay): the
+    window of consecutive ids is chosen around it. Sequences 0, 2 and 3 busy after request 1 ends, request 3
+    near its end: request 0 moves from 0 to 1 (busy 1-3), rather than request 3 from 3 to 1."""
+    limits = [MIN_TOKENS_TO_MOVE + 24, 2, MIN_TOKENS_TO_MOVE + 24, 12]
+    with fresh_scheduler(smollm2, 8, 128) as (scheduler, _):
+        scheduler.step([("submit", i, request(900 + i, limits[i])) for i in range(4)])
+        while 1 not in scheduler.finished:
+            scheduler.step()
+        scheduler.step()
+        where = {a.rid: a.slot.seq_id for a in scheduler._active.values()}
+        assert where == {0: 1, 2: 2, 3: 3}, where
+        run_until_done(scheduler, {0, 2, 3})
+        assert scheduler.stats().kv_cells_untracked == 0
