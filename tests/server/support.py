@@ -86,6 +86,18 @@ class LiveServer:
         self.sock.close()
 
 
+@contextlib.contextmanager
+def served(settings: Settings) -> Iterator[LiveServer]:
+    """The server's app for ``settings`` on a live server, ready, and stopped however the block ends."""
+    from server.app import create_app
+
+    live = LiveServer(create_app(settings)).start()
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -23,18 +23,33 @@ pytestmark = pytest.mark.llama
 SEQUENCES = 4
 
 
+@contextlib.contextmanager
+def fresh_scheduler(model: Path, sequences: int, ctx_per_seq: int) -> Iterator[tuple[Any, dict[int, list[str]]]]:
+    """A scheduler on its own context whose requests' text is gathered per request id (``finished`` lists
+    the ids in the order they ended)."""
+    settings = LoadSettings(n_gpu_layers=0, n_ctx=sequences * ctx_per_seq, n_seq_max=sequences, n_threads=1)
+    opened = open_model(model, settings)
+    texts: dict[int, list[str]] = {}
+    finished: list[int] = []
+
+    def emit(events: list[Any], _step: Any, _stats: Any) -> None:
+        for rid, event in events:
+            texts.setdefault(rid, []).append(event.text)
+            if isinstance(event, FinishEvent):
+                finished.append(rid)
+
+    scheduler = BatchScheduler(opened, emit)
+    scheduler.finished = finished  # type: ignore[attr-defined]
+    try:
+        yield scheduler, texts
+    finally:
+        opened.close()
+
+
 @pytest.fixture(scope="module")
 def scheduler(smollm2: Path) -> Iterator[BatchScheduler]:
-    settings = LoadSettings(n_gpu_layers=0, n_ctx=SEQUENCES * 256, n_seq_max=SEQUENCES, n_threads=1)
-    opened = open_model(smollm2, settings)
-    finished: list[int] = []
-    scheduler = BatchScheduler(
-        opened,
-        lambda events, _step, _stats: finished.extend(rid for rid, event in events if isinstance(event, FinishEvent)),
-    )
-    scheduler.finished = finished  # type: ignore[attr-defined]
-    yield scheduler
-    opened.close()
+    with fresh_scheduler(smollm2, SEQUENCES, 256) as (scheduler, _):
+        yield scheduler
 
 
 def request(first_token: int, max_tokens: int) -> GenerationRequest:
@@ -68,29 +83,6 @@ def test_rows_go_in_sequence_id_order_not_admission_order(scheduler: Any) -> Non
     run_until_done(scheduler, {10, 11, 12, 13})
     stats = scheduler.stats()
     assert stats.busy_sequences == 0 and stats.kv_cells_untracked == 0
-
-
-@contextlib.contextmanager
-def fresh_scheduler(model: Path, sequences: int, ctx_per_seq: int) -> Iterator[tuple[Any, dict[int, list[str]]]]:
-    """A scheduler on its own context whose requests' text is gathered per request id (``finished`` lists
-    the ids in the order they ended)."""
-    settings = LoadSettings(n_gpu_layers=0, n_ctx=sequences * ctx_per_seq, n_seq_max=sequences, n_threads=1)
-    opened = open_model(model, settings)
-    texts: dict[int, list[str]] = {}
-    finished: list[int] = []
-
-    def emit(events: list[Any], _step: Any, _stats: Any) -> None:
-        for rid, event in events:
-            texts.setdefault(rid, []).append(event.text)
-            if isinstance(event, FinishEvent):
-                finished.append(rid)
-
-    scheduler = BatchScheduler(opened, emit)
-    scheduler.finished = finished  # type: ignore[attr-defined]
-    try:
-        yield scheduler, texts
-    finally:
-        opened.close()
 
 
 def test_new_requests_take_sequences_next_to_the_busy_ones(smollm2: Path) -> None:

@@ -24,8 +24,15 @@ import httpx
 import openai
 import pytest
 
-from server.app import create_app
-from tests.server.support import LiveServer, assert_engine_clean, make_settings, metric_value, model_metric, wait_for
+from tests.server.support import (
+    LiveServer,
+    assert_engine_clean,
+    make_settings,
+    metric_value,
+    model_metric,
+    served,
+    wait_for,
+)
 
 pytestmark = pytest.mark.llama
 
@@ -45,9 +52,8 @@ def server(smollm2: Path) -> Iterator[LiveServer]:
         step_tokens=64,  # small prompt chunks, so that a long prompt takes several steps
         max_queue=16,
     )
-    live = LiveServer(create_app(settings)).start()
-    yield live
-    live.stop()
+    with served(settings) as live:
+        yield live
 
 
 @pytest.fixture
@@ -285,23 +291,19 @@ def test_a_new_conversation_copies_the_shared_system_prompt_and_the_old_one_keep
 
 def test_a_full_queue_is_a_429_and_the_rest_complete(smollm2: Path) -> None:
     settings = make_settings(models=[{"path": str(smollm2), "alias": ALIAS}], ctx=2 * 512, parallel=2, max_queue=1)
-    live = LiveServer(create_app(settings)).start()
-    try:
-        with httpx.Client(base_url=live.url, timeout=120) as http:
-            body = {"model": ALIAS, "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 40,
-                    "temperature": 0, "logit_bias": NO_EOS}  # fmt: skip
-            with ThreadPoolExecutor(max_workers=5) as pool:
-                replies = list(pool.map(lambda _: http.post("/v1/chat/completions", json=body), range(5)))
-            codes = sorted(r.status_code for r in replies)
-            assert codes.count(200) >= 3 and set(codes) <= {200, 429}, codes
-            for reply in replies:
-                if reply.status_code == 429:
-                    assert reply.headers["Retry-After"] and reply.json()["error"]["code"] == "queue_full"
-                else:
-                    assert reply.json()["usage"]["completion_tokens"] == 40
-            assert_nothing_leaked(http)
-    finally:
-        live.stop()
+    with served(settings) as live, httpx.Client(base_url=live.url, timeout=120) as http:
+        body = {"model": ALIAS, "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 40,
+                "temperature": 0, "logit_bias": NO_EOS}  # fmt: skip
+        with ThreadPoolExecutor(max_workers=5) as pool:
+            replies = list(pool.map(lambda _: http.post("/v1/chat/completions", json=body), range(5)))
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(200) >= 3 and set(codes) <= {200, 429}, codes
+        for reply in replies:
+            if reply.status_code == 429:
+                assert reply.headers["Retry-After"] and reply.json()["error"]["code"] == "queue_full"
+            else:
+                assert reply.json()["usage"]["completion_tokens"] == 40
+        assert_nothing_leaked(http)
 
 
 def test_in_a_full_shared_cache_the_youngest_request_gives_way(smollm2: Path) -> None:
@@ -310,22 +312,18 @@ def test_in_a_full_shared_cache_the_youngest_request_gives_way(smollm2: Path) ->
     settings = make_settings(
         models=[{"path": str(smollm2), "alias": ALIAS}], ctx=512, parallel=2, kv_unified=True, max_queue=4
     )
-    live = LiveServer(create_app(settings)).start()
-    try:
-        with httpx.Client(base_url=live.url, timeout=180) as http:
-            older: dict[str, Any] = {}
+    with served(settings) as live, httpx.Client(base_url=live.url, timeout=180) as http:
+        older: dict[str, Any] = {}
 
-            def run_older() -> None:
-                older.update(chat(http, "Write a story.", temperature=0, max_tokens=400, logit_bias=NO_EOS))
+        def run_older() -> None:
+            older.update(chat(http, "Write a story.", temperature=0, max_tokens=400, logit_bias=NO_EOS))
 
-            thread = threading.Thread(target=run_older)
-            thread.start()
-            wait_for(lambda: metric(http, "llamasplit_kv_cells_used") > 20, 30)
-            younger = chat(http, "Write a poem.", temperature=0, max_tokens=400, logit_bias=NO_EOS)
-            thread.join(180)
-            assert answer(older)[1:] == ("length", 400)
-            _, reason, n_tokens = answer(younger)
-            assert reason == "length" and 0 < n_tokens < 400
-            assert_nothing_leaked(http)
-    finally:
-        live.stop()
+        thread = threading.Thread(target=run_older)
+        thread.start()
+        wait_for(lambda: metric(http, "llamasplit_kv_cells_used") > 20, 30)
+        younger = chat(http, "Write a poem.", temperature=0, max_tokens=400, logit_bias=NO_EOS)
+        thread.join(180)
+        assert answer(older)[1:] == ("length", 400)
+        _, reason, n_tokens = answer(younger)
+        assert reason == "length" and 0 < n_tokens < 400
+        assert_nothing_leaked(http)

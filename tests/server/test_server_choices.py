@@ -20,8 +20,7 @@ import httpx
 import openai
 import pytest
 
-from server.app import create_app
-from tests.server.support import LiveServer, assert_engine_clean, make_settings, metric_value, model_metric
+from tests.server.support import LiveServer, assert_engine_clean, make_settings, metric_value, model_metric, served
 
 pytestmark = pytest.mark.llama
 
@@ -35,9 +34,8 @@ def server(smollm2: Path) -> Iterator[LiveServer]:
     settings = make_settings(
         models=[{"path": str(smollm2), "alias": ALIAS}], ctx=PARALLEL * CTX_PER_SEQ, parallel=PARALLEL
     )
-    live = LiveServer(create_app(settings)).start()
-    yield live
-    live.stop()
+    with served(settings) as live:
+        yield live
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from server.app import create_app
-from tests.server.support import LiveServer, make_settings
+from tests.server.support import make_settings, served
 
 pytestmark = pytest.mark.llama
 
@@ -25,9 +24,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def two_slot_client(smollm2: Path) -> Iterator[openai.OpenAI]:
     settings = make_settings(models=[{"path": str(smollm2), "alias": "smol"}], ctx=1024, parallel=2, max_queue=16)
-    server = LiveServer(create_app(settings)).start()
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    server.stop()
+    with served(settings) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def ask(client: openai.OpenAI, prompt: str, stream: bool = False) -> tuple[str, int, int]:

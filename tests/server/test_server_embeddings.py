@@ -23,10 +23,9 @@ import numpy as np
 import openai
 import pytest
 
-from server.app import create_app
 from tests.kit.encoders import TINY_GEMMA_EMBEDDING, TINY_NOMIC_BERT, write_encoder_gguf
 from tests.kit.minilm import minilm_path
-from tests.server.support import LiveServer, make_settings, metric_value, serve_cli, wait_for
+from tests.server.support import LiveServer, make_settings, metric_value, serve_cli, served, wait_for
 
 pytestmark = pytest.mark.llama
 
@@ -108,9 +107,8 @@ def embed_server(minilm: Path, smollm2: Path, tmp_path_factory: pytest.TempPathF
         threads=1,
         preload=[EMBEDDER],
     )
-    server = LiveServer(create_app(settings)).start()
-    yield server
-    server.stop()
+    with served(settings) as server:
+        yield server
 
 
 @pytest.fixture
@@ -287,8 +285,7 @@ def test_a_gemma_embedding_model_serves_llama_cpps_vectors(tmp_path: Path) -> No
     # eight sequences: the five inputs share one batch, as in llama-cpp-python's embed() (flash attention makes
     # a vector depend on its batch-mates by ~5e-5)
     settings = make_settings(models=[{"path": str(path), "alias": "gemma-embed"}], parallel=8, threads=1)
-    server = LiveServer(create_app(settings)).start()
-    try:
+    with served(settings) as server:
         plan = httpx.get(f"{server.url}/v1/plan", timeout=30).json()["data"][0]
         reply = httpx.post(f"{server.url}/v1/embeddings", json={"model": "gemma-embed", "input": TEXTS}, timeout=120)
         chat = httpx.post(
@@ -296,8 +293,6 @@ def test_a_gemma_embedding_model_serves_llama_cpps_vectors(tmp_path: Path) -> No
             json={"model": "gemma-embed", "messages": [{"role": "user", "content": "Hi"}]},
             timeout=30,
         )
-    finally:
-        server.stop()
     assert plan["plan"]["embeddings"] and plan["plan"]["architecture"] == "gemma-embedding"
     assert reply.status_code == 200, reply.text
     expected = llama_cpp_embeddings(path, TEXTS, plan["load_settings"]["flash_attn"] == "on")

@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.app import create_app
-from tests.server.support import LiveServer, make_settings, wait_for
+from tests.server.support import LiveServer, make_settings, served, wait_for
 
 pytestmark = pytest.mark.llama
 
@@ -29,9 +28,8 @@ NO_EOS = {"0": -100, "2": -100}
 @pytest.fixture(scope="module")
 def server(smollm2: Path) -> Iterator[LiveServer]:
     settings = make_settings(models=[{"path": str(smollm2), "alias": ALIAS}], ctx=2048, parallel=2, api_keys=[KEY])
-    live = LiveServer(create_app(settings)).start()
-    yield live
-    live.stop()
+    with served(settings) as live:
+        yield live
 
 
 @pytest.fixture

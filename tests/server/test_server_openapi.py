@@ -25,7 +25,6 @@ import httpx
 import jsonschema
 import pytest
 
-from server.app import create_app
 from tests.kit.minilm import minilm_path
 from tests.server.support import (
     ALIAS,
@@ -36,6 +35,7 @@ from tests.server.support import (
     cli_environment,
     make_settings,
     running_requests,
+    served,
     wait_for,
 )
 
@@ -72,9 +72,8 @@ def openapi_server(smollm2: Path) -> Iterator[LiveServer]:
         max_queue=1,
         max_body_bytes=MAX_BODY_BYTES,
     )
-    server = LiveServer(create_app(settings)).start()
-    yield server
-    server.stop()
+    with served(settings) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

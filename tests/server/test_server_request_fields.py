@@ -12,8 +12,7 @@ import httpx
 import jsonschema
 import pytest
 
-from server.app import create_app
-from tests.server.support import LiveServer, make_settings
+from tests.server.support import make_settings, served
 
 pytestmark = pytest.mark.llama
 
@@ -23,10 +22,8 @@ ALIAS = "smol"
 @pytest.fixture(scope="module")
 def http(smollm2: Path) -> Iterator[httpx.Client]:
     settings = make_settings(models=[{"path": str(smollm2), "alias": ALIAS}], ctx=2 * 1024, parallel=2)
-    live = LiveServer(create_app(settings)).start()
-    with httpx.Client(base_url=live.url, timeout=120) as client:
+    with served(settings) as live, httpx.Client(base_url=live.url, timeout=120) as client:
         yield client
-    live.stop()
 
 
 def chat(http: httpx.Client, content: str, **params: Any) -> httpx.Response:

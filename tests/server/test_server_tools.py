@@ -21,10 +21,9 @@ import jsonschema
 import openai
 import pytest
 
-from server.app import create_app
 from server.engine.chat_template import ChatTemplate
 from server.tools import ToolCallStream, build_grammar, detect_format, parse
-from tests.server.support import ALIAS, LiveServer, make_settings
+from tests.server.support import ALIAS, LiveServer, make_settings, served
 
 pytestmark = pytest.mark.llama
 
@@ -405,9 +404,8 @@ def tools_server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     qwen_template = (TEMPLATES / "qwen2.5-instruct.jinja").read_text()
     model = with_template(smollm2, tmp_path_factory.mktemp("tools") / "smollm2-qwen-template.gguf", qwen_template)
     settings = make_settings(models=[{"path": str(model), "alias": TOOLS_ALIAS}], ctx=2048, parallel=2)
-    server = LiveServer(create_app(settings)).start()
-    yield server
-    server.stop()
+    with served(settings) as server:
+        yield server
 
 
 @pytest.fixture
