@@ -80,6 +80,8 @@ MIN_PREFIX_COPY_TOKENS = 16
 # A stream moved to close a hole between busy sequence ids saves a graph evaluation per step from then on; one
 # about to end would not repay the copy of its cache.
 MIN_TOKENS_TO_MOVE = 16
+# Steps between two checks of the engine's cell accounting against llama.cpp's while requests run (see step()).
+CHECK_CELLS_EVERY = 32
 
 
 @dataclass
@@ -169,6 +171,8 @@ class BatchScheduler:
         # Set when a prompt gave way in a full cache: admit nobody until a request ends and frees cells.
         self._wait_for_room = False
         self._thread: threading.Thread | None = None
+        self._untracked = 0
+        self._pieces: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})  # per token id; [True]: special
         self._last_stats = self.stats()
 
     # -- other threads --
@@ -280,7 +284,10 @@ class BatchScheduler:
                 self._finish(active, events, error=message)
             break
         self._steps += 1
-        self._last_stats = self.stats()
+        # The check against llama.cpp's cells costs two calls per sequence: at every step that ends with nothing
+        # running (where a leak would stay), else every CHECK_CELLS_EVERY steps, not between every two decodes.
+        check = not self._active or self._steps % CHECK_CELLS_EVERY == 0
+        self._last_stats = self.stats(check_cells=check)
         self._emit(events, stats, self._last_stats)
 
     def _admit(self, rid: int, request: GenerationRequest) -> None:
@@ -546,7 +553,7 @@ class BatchScheduler:
             active.generated += 1
             assert active.assembler is not None
             special = token in request.preserved_tokens  # a tool-call marker the caller parses
-            text = active.assembler.push(token_piece(lc, self._vocab, token, special=special))
+            text = active.assembler.push(self._piece(token, special))
             events.append((active.rid, TokenEvent(token, text, logprob(token) if logprob else None, now, active.index)))
             if active.assembler.stopped:
                 self._finish(active, events, reason="stop")
@@ -554,6 +561,15 @@ class BatchScheduler:
                 self._finish(active, events, reason="length")
             else:
                 active.pending = token
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        """A token's bytes, asked of llama.cpp once per token id: a call per generated token costs more than
+        the rest of sampling it."""
+        pieces = self._pieces[special]
+        piece = pieces.get(token)
+        if piece is None:
+            piece = pieces[token] = token_piece(self._lc, self._vocab, token, special=special)
+        return piece
 
     def _fork(self, leader: _Active) -> None:
         """The prompt of a request with n choices is in the leader's cache: copy it to the other choices,
@@ -639,16 +655,23 @@ class BatchScheduler:
         """The accounting after the latest step; safe from any thread."""
         return self._last_stats
 
-    def stats(self) -> EngineStats:
-        """The accounting now, checked against llama.cpp's own cell counts; scheduler thread only."""
+    def stats(self, *, check_cells: bool = True) -> EngineStats:
+        """The accounting now; scheduler thread only. ``check_cells``: count the cells llama.cpp holds per
+        sequence and report those the engine does not track; without it, the figure of the latest check."""
         lc = self._lc
-        busy = sum(len(s.tokens) for s in self._slots if s.active is not None)
-        cached = sum(len(s.tokens) for s in self._slots if s.active is None)
-        held = 0
+        busy = cached = 0
         for slot in self._slots:
-            pos_max = lc.llama_memory_seq_pos_max(self._mem, slot.seq_id)
-            if pos_max >= 0:
-                held += pos_max - lc.llama_memory_seq_pos_min(self._mem, slot.seq_id) + 1
+            if slot.active is None:
+                cached += len(slot.tokens)
+            else:
+                busy += len(slot.tokens)
+        if check_cells:
+            held = 0
+            for slot in self._slots:
+                pos_max = lc.llama_memory_seq_pos_max(self._mem, slot.seq_id)
+                if pos_max >= 0:
+                    held += pos_max - lc.llama_memory_seq_pos_min(self._mem, slot.seq_id) + 1
+            self._untracked = held - busy - cached
         return EngineStats(
             sequences=len(self._slots),
             busy_sequences=len(self._active),
@@ -656,7 +679,7 @@ class BatchScheduler:
             kv_cells=self.facts.n_ctx,
             kv_cells_busy=busy,
             kv_cells_cached=cached,
-            kv_cells_untracked=held - busy - cached,
+            kv_cells_untracked=self._untracked,
             steps=self._steps,
         )
 

@@ -151,3 +151,24 @@ def test_a_stream_about_to_end_stays_and_the_others_move_around_it(smollm2: Path
         assert where == {0: 1, 2: 2, 3: 3}, where
         run_until_done(scheduler, {0, 2, 3})
         assert scheduler.stats().kv_cells_untracked == 0
+
+
+def test_cells_the_engine_does_not_track_show_once_nothing_runs(smollm2: Path) -> None:
+    """The check of the engine's cell accounting against llama.cpp's runs every CHECK_CELLS_EVERY steps while
+    requests run, and at every step that leaves nothing running: a cell llama.cpp holds that no request put
+    there (a leak) shows in the stats of the first step after the batch empties."""
+    with fresh_scheduler(smollm2, SEQUENCES, 64) as (scheduler, _):
+        lc = scheduler._lc
+        batch = lc.llama_batch_init(1, 0, 1)  # one cell of the last sequence, behind the engine's back
+        try:
+            batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = 1, 0, 1, False
+            batch.seq_id[0][0] = SEQUENCES - 1
+            batch.n_tokens = 1
+            assert lc.llama_decode(scheduler._ctx, batch) == 0
+        finally:
+            lc.llama_batch_free(batch)
+        scheduler.step([("submit", 0, request(950, 3))])
+        assert scheduler._active[(0, 0)].slot.seq_id != SEQUENCES - 1
+        assert scheduler.stats_snapshot().kv_cells_untracked == 0, "a step with a request running skips the check"
+        run_until_done(scheduler, {0})
+        assert scheduler.stats_snapshot().kv_cells_untracked == 1
