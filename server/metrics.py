@@ -26,6 +26,7 @@ ITL_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2
 # Tokens in one batching step: 1 (a lone stream) up to the physical batch (a prompt chunk).
 STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 THROUGHPUT_WINDOW_S = 10.0
+PENDING_STEPS_MAX = 4096  # steps queued between two reads of the metrics before they are recorded anyway
 
 
 class Metrics:
@@ -85,23 +86,43 @@ class Metrics:
             buckets=ITL_BUCKETS_S,
             registry=self.registry,
         )
+        self._step_children: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
         self._window: dict[str, collections.deque[tuple[float, int, int]]] = {}
-        self._window_lock = threading.Lock()
+        self._window_lock = threading.Lock()  # the window and the draining of queued steps
+        # Steps not yet in the histograms: (model, time.monotonic() of arrival, step); deque appends are atomic.
+        self._pending: collections.deque[tuple[str, float, StepStats]] = collections.deque()
 
     def observe_step(self, model: str, step: StepStats) -> None:
-        """Record one batching step of ``model`` (called where the engine's messages are read: the event loop)."""
-        self.step_tokens.labels(model).observe(step.batch_tokens)
-        self.step_sequences.labels(model).observe(step.decode_sequences)
-        self.step_seconds.labels(model).observe(step.step_s)
-        now = time.monotonic()
+        """Record one batching step of ``model``. Called where the engine's messages are read (the event loop),
+        once per token of a lone stream: the step is only queued here, and goes into the histograms and the
+        throughput window when metrics are read (or every PENDING_STEPS_MAX steps), in one pass."""
+        self._pending.append((model, time.monotonic(), step))
+        if len(self._pending) >= PENDING_STEPS_MAX:
+            self._drain()
+
+    def _drain(self) -> None:
         with self._window_lock:
-            window = self._window.setdefault(model, collections.deque())
-            window.append((now, step.prompt_tokens, step.decode_sequences))
-            while window and window[0][0] < now - THROUGHPUT_WINDOW_S:
-                window.popleft()
+            while self._pending:
+                model, at, step = self._pending.popleft()
+                children = self._step_children.get(model)
+                if children is None:
+                    children = self._step_children[model] = (
+                        self.step_tokens.labels(model),
+                        self.step_sequences.labels(model),
+                        self.step_seconds.labels(model),
+                    )
+                tokens, sequences, seconds = children
+                tokens.observe(step.batch_tokens)
+                sequences.observe(step.decode_sequences)
+                seconds.observe(step.step_s)
+                window = self._window.setdefault(model, collections.deque())
+                window.append((at, step.prompt_tokens, step.decode_sequences))
+                while window and window[0][0] < at - THROUGHPUT_WINDOW_S:
+                    window.popleft()
 
     def throughput(self, model: str) -> tuple[float, float]:
         """(prompt, generated) tokens per second over the last THROUGHPUT_WINDOW_S seconds."""
+        self._drain()
         now = time.monotonic()
         with self._window_lock:
             window = [entry for entry in self._window.get(model, ()) if entry[0] >= now - THROUGHPUT_WINDOW_S]
@@ -113,6 +134,7 @@ class Metrics:
         self.registry.register(_Live(collect))
 
     def render(self) -> bytes:
+        self._drain()
         return generate_latest(self.registry)
 
 
