@@ -66,7 +66,7 @@ def crafted_cases() -> Iterator[tuple[str, np.ndarray, dict[int, float]]]:
 
 @pytest.mark.parametrize(("logits", "bias"), [pytest.param(lg, b, id=name) for name, lg, b in crafted_cases()])
 def test_greedy_pick_is_llama_cpp_greedy(logits: np.ndarray, bias: dict[int, float]) -> None:
-    picker = GreedyPick.of(request(bias=bias))
+    picker = GreedyPick.of(request(bias=bias), N_VOCAB)
     assert picker is not None
     before = logits.copy()
     assert picker.pick(logits) == llama_greedy(logits, bias)
@@ -76,7 +76,7 @@ def test_greedy_pick_is_llama_cpp_greedy(logits: np.ndarray, bias: dict[int, flo
 def test_nan_logits_are_left_to_llama_cpp() -> None:
     logits = np.ones(N_VOCAB, dtype=np.float32)
     logits[3] = np.nan
-    picker = GreedyPick.of(request())
+    picker = GreedyPick.of(request(), N_VOCAB)
     assert picker is not None and picker.pick(logits) is None
 
 
@@ -90,10 +90,12 @@ def test_nan_logits_are_left_to_llama_cpp() -> None:
             GenerationRequest(prompt_tokens=(1,), max_tokens=8, sampling=SamplingParams(temperature=0.0), grammar="x"),
             id="grammar",
         ),
+        pytest.param(request(bias={N_VOCAB: -100.0}), id="bias past the vocabulary"),
+        pytest.param(request(bias={-1: 5.0}), id="negative bias id"),
     ],
 )
 def test_only_plain_greedy_requests_take_the_fast_path(other: GenerationRequest) -> None:
-    assert GreedyPick.of(other) is None
+    assert GreedyPick.of(other, N_VOCAB) is None
 
 
 def test_real_logits_pick_what_llama_sampler_sample_picks(smollm2: Path) -> None:
